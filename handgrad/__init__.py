@@ -1,0 +1,25 @@
+"""handgrad: backpropagation written by hand as jax.custom_vjp rules, proven against autodiff.
+
+    import handgrad as hg
+    z = hg.dense(x, w, b)                      # a custom_vjp with dW = gᵀ·x, db = Σ g, dx = g·W
+    loss = hg.softmax_cross_entropy(z, labels)  # backward (softmax(z) − y)/m
+    hg.check_vjp(hg.dense, hg.reference.dense, x, w, b)   # vs autodiff and finite differences
+"""
+
+from handgrad import reference as reference
+from handgrad.check import CheckResult as CheckResult
+from handgrad.check import check_vjp as check_vjp
+from handgrad.ops import binary_cross_entropy as binary_cross_entropy
+from handgrad.ops import dense as dense
+from handgrad.ops import flatten as flatten
+from handgrad.ops import leaky_relu as leaky_relu
+from handgrad.ops import log_softmax as log_softmax
+from handgrad.ops import relu as relu
+from handgrad.ops import sigmoid as sigmoid
+from handgrad.ops import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from handgrad.ops import softmax as softmax
+from handgrad.ops import softmax_cross_entropy as softmax_cross_entropy
+from handgrad.ops import squared_error as squared_error
+from handgrad.ops import tanh as tanh
+
+__version__ = "0.1.0"

@@ -1,0 +1,33 @@
+"""The ops: each a ``jax.custom_vjp`` whose backward is the textbook formula, written out.
+
+One module per family: `_dense`, `_activations`, `_losses`, `_conv`,
+`_pooling`, `_norm`.
+"""
+
+from handgrad.ops._activations import leaky_relu as leaky_relu
+from handgrad.ops._activations import log_softmax as log_softmax
+from handgrad.ops._activations import relu as relu
+from handgrad.ops._activations import sigmoid as sigmoid
+from handgrad.ops._activations import softmax as softmax
+from handgrad.ops._activations import tanh as tanh
+from handgrad.ops._dense import dense as dense
+from handgrad.ops._dense import flatten as flatten
+from handgrad.ops._losses import binary_cross_entropy as binary_cross_entropy
+from handgrad.ops._losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from handgrad.ops._losses import softmax_cross_entropy as softmax_cross_entropy
+from handgrad.ops._losses import squared_error as squared_error
+
+OP_NAMES = (
+    "dense",
+    "flatten",
+    "sigmoid",
+    "tanh",
+    "relu",
+    "leaky_relu",
+    "softmax",
+    "log_softmax",
+    "softmax_cross_entropy",
+    "binary_cross_entropy",
+    "sigmoid_binary_cross_entropy",
+    "squared_error",
+)

@@ -1,0 +1,271 @@
+r"""Activations with hand-written backward passes: ``dZ = dA ⊙ g'(Z)``.
+
+Each backward keeps what makes its derivative cheapest (tinygrad's rule): the *output* for
+sigmoid, tanh, softmax and log-softmax (their derivatives are functions of the output), a
+boolean mask for ReLU and leaky ReLU. Derivations: docs/derivations.md §2.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from handgrad import _checks
+
+
+def accumulation_dtype(dtype):
+    """float32 for 16-bit floats (sums and exponentials lose too much in bf16/fp16)."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+
+def _elementwise_input(op, z):
+    z = jnp.asarray(z)
+    _checks.check_floating(op, "z", z)
+    return z
+
+
+# --- sigmoid -------------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def _sigmoid(z):
+    return jax.nn.sigmoid(z)
+
+
+def _sigmoid_fwd(z):
+    a = _sigmoid(z)
+    return a, a  # residual: the output a = σ(z)
+
+
+def _sigmoid_bwd(a, g):
+    return ((g * a * (1 - a)).astype(a.dtype),)  # σ'(z) = σ(z)(1 − σ(z)), seed 002 eq. 8
+
+
+_sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
+
+
+def sigmoid(z):
+    r"""Logistic sigmoid :math:`a = σ(z) = 1 / (1 + e^{-z})`, elementwise.
+
+    Backward: :math:`dz = g ⊙ a ⊙ (1 - a)` from the saved output (seed 002, eqs. 7-8).
+
+    Args:
+      z: floating array of any shape.
+
+    Returns:
+      ``a``, same shape and dtype as ``z``.
+
+    Derivation: docs/derivations.md §2.1.
+    """
+    return _sigmoid(_elementwise_input("sigmoid", z))
+
+
+# --- tanh ----------------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def _tanh(z):
+    return jnp.tanh(z)
+
+
+def _tanh_fwd(z):
+    a = _tanh(z)
+    return a, a
+
+
+def _tanh_bwd(a, g):
+    return ((g * (1 - a * a)).astype(a.dtype),)  # tanh' = 1 − tanh²
+
+
+_tanh.defvjp(_tanh_fwd, _tanh_bwd)
+
+
+def tanh(z):
+    r"""Hyperbolic tangent, elementwise.
+
+    Backward: :math:`dz = g ⊙ (1 - a^2)` from the saved output ``a = tanh(z)``.
+
+    Args:
+      z: floating array of any shape.
+
+    Returns:
+      ``tanh(z)``, same shape and dtype.
+
+    Derivation: docs/derivations.md §2.2.
+    """
+    return _tanh(_elementwise_input("tanh", z))
+
+
+# --- ReLU and leaky ReLU -------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def _relu(z):
+    return jnp.maximum(z, 0).astype(z.dtype)
+
+
+def _relu_fwd(z):
+    # Residual: a boolean mask (1 byte per element), not the input.
+    return _relu(z), z >= 0
+
+
+def _relu_bwd(mask, g):
+    # relu'(z) = 1 for z ≥ 0 — the seed-001 convention: the derivative at exactly 0 is 1.
+    return (jnp.where(mask, g, jnp.zeros_like(g)),)
+
+
+_relu.defvjp(_relu_fwd, _relu_bwd)
+
+
+def relu(z):
+    r"""Rectified linear unit :math:`\max(z, 0)`, elementwise.
+
+    Backward: :math:`dz = g ⊙ [z \ge 0]`. **At exactly** ``z = 0`` **the derivative is 1**,
+    the convention of seed 001 (``relu'(x) = 1 for x ≥ 0``). ``jax.nn.relu`` and PyTorch use 0
+    there; away from 0 all agree.
+
+    Args:
+      z: floating array of any shape.
+
+    Returns:
+      ``max(z, 0)``, same shape and dtype.
+
+    Derivation: docs/derivations.md §2.3.
+    """
+    return _relu(_elementwise_input("relu", z))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _leaky_relu(z, negative_slope):
+    return jnp.where(z >= 0, z, negative_slope * z).astype(z.dtype)
+
+
+def _leaky_relu_fwd(z, negative_slope):
+    return _leaky_relu(z, negative_slope), z >= 0
+
+
+def _leaky_relu_bwd(negative_slope, mask, g):
+    return (jnp.where(mask, g, negative_slope * g).astype(g.dtype),)
+
+
+_leaky_relu.defvjp(_leaky_relu_fwd, _leaky_relu_bwd)
+
+
+def leaky_relu(z, negative_slope: float = 0.01):
+    r"""Leaky ReLU: ``z`` for ``z ≥ 0``, ``negative_slope·z`` otherwise.
+
+    Backward: :math:`dz = g` where ``z ≥ 0`` (1 at exactly 0, as for :func:`relu`),
+    ``negative_slope·g`` elsewhere.
+
+    Args:
+      z: floating array of any shape.
+      negative_slope: static Python float.
+
+    Returns:
+      same shape and dtype as ``z``.
+
+    Derivation: docs/derivations.md §2.3.
+    """
+    slope = _checks.check_scalar("leaky_relu", "negative_slope", negative_slope)
+    return _leaky_relu(_elementwise_input("leaky_relu", z), slope)
+
+
+# --- softmax and log-softmax ---------------------------------------------------------------
+
+
+def _softmax_forward(z, axis):
+    zf = z.astype(accumulation_dtype(z.dtype))
+    # Subtracting the max changes nothing mathematically and keeps exp() from overflowing.
+    e = jnp.exp(zf - jnp.max(zf, axis=axis, keepdims=True))
+    return (e / jnp.sum(e, axis=axis, keepdims=True)).astype(z.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _softmax(z, axis):
+    return _softmax_forward(z, axis)
+
+
+def _softmax_fwd(z, axis):
+    a = _softmax(z, axis)
+    return a, a
+
+
+def _softmax_bwd(axis, a, g):
+    # Seed 001's Jacobian ∂a_j/∂z_i = a_j(δ_ij − a_i), applied to g without forming it:
+    # dz = a ⊙ (g − ⟨g, a⟩).
+    af, gf = a.astype(accumulation_dtype(a.dtype)), g.astype(accumulation_dtype(a.dtype))
+    dz = af * (gf - jnp.sum(gf * af, axis=axis, keepdims=True))
+    return (dz.astype(a.dtype),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def softmax(z, axis: int = -1):
+    r"""Softmax :math:`a_j = e^{z_j} / \sum_k e^{z_k}` along ``axis`` (max-shifted, stable).
+
+    Backward, from the softmax Jacobian of seed 001 without building it:
+
+    .. math:: dz = a ⊙ (g - \langle g, a \rangle_{axis})
+
+    Args:
+      z: floating array.
+      axis: static int, the class axis.
+
+    Returns:
+      ``a``, same shape and dtype as ``z``; sums to 1 along ``axis``.
+
+    Derivation: docs/derivations.md §2.4.
+    """
+    z = _elementwise_input("softmax", z)
+    return _softmax(z, _checks.check_axis("softmax", z, axis))
+
+
+def _log_softmax_forward(z, axis):
+    zf = z.astype(accumulation_dtype(z.dtype))
+    # log-sum-exp with the max shifted out: finite for logits of any magnitude.
+    shifted = zf - jnp.max(zf, axis=axis, keepdims=True)
+    return (shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True))).astype(
+        z.dtype
+    )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _log_softmax(z, axis):
+    return _log_softmax_forward(z, axis)
+
+
+def _log_softmax_fwd(z, axis):
+    out = _log_softmax(z, axis)
+    return out, out
+
+
+def _log_softmax_bwd(axis, out, g):
+    # ∂(z_j − lse(z))/∂z_i = δ_ij − softmax(z)_i, so dz = g − softmax(z)·Σ_j g_j.
+    gf = g.astype(accumulation_dtype(out.dtype))
+    a = jnp.exp(out.astype(gf.dtype))
+    return ((gf - a * jnp.sum(gf, axis=axis, keepdims=True)).astype(out.dtype),)
+
+
+_log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
+
+
+def log_softmax(z, axis: int = -1):
+    r"""Log-softmax :math:`z_j - \log\sum_k e^{z_k}` along ``axis``, by stable log-sum-exp.
+
+    Backward: :math:`dz = g - \mathrm{softmax}(z) \sum_j g_j`, with the softmax recovered as
+    ``exp`` of the saved output.
+
+    Args:
+      z: floating array.
+      axis: static int.
+
+    Returns:
+      same shape and dtype as ``z``.
+
+    Derivation: docs/derivations.md §2.5.
+    """
+    z = _elementwise_input("log_softmax", z)
+    return _log_softmax(z, _checks.check_axis("log_softmax", z, axis))

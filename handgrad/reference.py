@@ -1,0 +1,96 @@
+"""The reference implementations: every op's forward in plain JAX, with no custom_vjp.
+
+This is what ``jax.grad`` differentiates when handgrad checks a hand-written backward, and what
+``models.mlp(params, x, ops=hg.reference)`` runs for autodiff training. Same names, same
+signatures, same forward values (and the same input checks) as the ops in ``handgrad``.
+
+Two conventions are built into the formulas so that autodiff agrees with the hand rules:
+``relu``/``leaky_relu`` use ``where(z >= 0, …)``, whose derivative at exactly 0 is 1 (seed 001),
+and the losses sum over features and average over the batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import xlog1py, xlogy
+
+from handgrad import _checks
+from handgrad.ops import _activations, _dense
+
+
+def dense(x, w, b=None):
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    b = None if b is None else jnp.asarray(b)
+    _dense.check_dense_args("dense", x, w, b)
+    z = jnp.matmul(x, w.T)
+    return z if b is None else z + _dense.broadcast_bias(b, z.ndim)
+
+
+def flatten(x):
+    x = jnp.asarray(x)
+    _checks.check_min_rank("flatten", "x", x, 1, "(N, ...)")
+    return x.reshape(x.shape[0], -1)
+
+
+def sigmoid(z):
+    return 1 / (1 + jnp.exp(-jnp.asarray(z)))
+
+
+def tanh(z):
+    return jnp.tanh(z)
+
+
+def relu(z):
+    z = jnp.asarray(z)
+    return jnp.where(z >= 0, z, jnp.zeros_like(z))
+
+
+def leaky_relu(z, negative_slope: float = 0.01):
+    z = jnp.asarray(z)
+    return jnp.where(z >= 0, z, negative_slope * z)
+
+
+def _acc(z):
+    return z.astype(_activations.accumulation_dtype(z.dtype))
+
+
+def log_softmax(z, axis: int = -1):
+    z = jnp.asarray(z)
+    zf = _acc(z)
+    return (zf - jax.nn.logsumexp(zf, axis=axis, keepdims=True)).astype(z.dtype)
+
+
+def softmax(z, axis: int = -1):
+    z = jnp.asarray(z)
+    zf = _acc(z)
+    e = jnp.exp(zf - jax.lax.stop_gradient(jnp.max(zf, axis=axis, keepdims=True)))
+    return (e / jnp.sum(e, axis=axis, keepdims=True)).astype(z.dtype)
+
+
+def softmax_cross_entropy(logits, labels):
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    m = logits.shape[0]
+    logp = _acc(log_softmax(logits, axis=1))
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        picked = jnp.take_along_axis(logp, labels[:, None], axis=1)
+        return (-jnp.sum(picked) / m).astype(logits.dtype)
+    return (-jnp.sum(_acc(labels) * logp) / m).astype(logits.dtype)
+
+
+def binary_cross_entropy(probs, targets):
+    p, y = _acc(jnp.asarray(probs)), _acc(jnp.asarray(targets))
+    loss = -jnp.sum(xlogy(y, p) + xlog1py(1 - y, -p)) / p.shape[0]
+    return loss.astype(jnp.result_type(probs))
+
+
+def sigmoid_binary_cross_entropy(logits, targets):
+    z, y = _acc(jnp.asarray(logits)), _acc(jnp.asarray(targets))
+    loss = jnp.sum(jnp.maximum(z, 0) - z * y + jnp.log1p(jnp.exp(-jnp.abs(z)))) / z.shape[0]
+    return loss.astype(jnp.result_type(logits))
+
+
+def squared_error(pred, target):
+    p, t = _acc(jnp.asarray(pred)), _acc(jnp.asarray(target))
+    return (0.5 * jnp.sum((p - t) ** 2) / p.shape[0]).astype(jnp.result_type(pred))
+

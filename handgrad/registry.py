@@ -1,0 +1,328 @@
+"""The registry: one OpSpec per public op. It drives the tests, scripts/verify.py and the docs.
+
+A new op is verified by being registered here: the table-driven tests take every record and
+check forward, VJP vs autodiff, VJP vs finite differences, jit, vmap, second order, the
+``custom_vjp_call`` in its jaxpr, and its bad-input errors. A test fails if a public op in
+``handgrad.ops.OP_NAMES`` has no record.
+
+Each record knows its input *domain* (JAX's autodiff tests do the same): ReLU inputs stay
+away from the kink at 0, max-pool inputs are distinct so the argmax is unique, probabilities
+stay inside (0, 1) — so finite differences measure the derivative that is actually there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+
+from handgrad import ops, reference
+
+# A function drawing an int in [lo, hi]: numpy's rng in verify.py, hypothesis in the tests.
+DrawInt = Callable[[int, int], int]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One concrete way to call an op: an id, an argument sampler, static keyword arguments."""
+
+    id: str
+    make_args: Callable[[jax.Array, jnp.dtype], tuple]
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """A call that must fail at trace time with `error` whose message matches `match`."""
+
+    id: str
+    args: Callable[[], tuple]
+    error: type[Exception]
+    match: str
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    family: str
+    op: Callable
+    reference: Callable
+    argnames: tuple[str, ...]
+    cases: tuple[Case, ...]
+    random_case: Callable[[DrawInt], Case]
+    derivation: str
+    formula: str
+    bad_inputs: tuple[BadInput, ...] = ()
+    dtypes: tuple[str, ...] = ("float32", "float64")
+    second_order: bool = True
+    notes: str = ""
+
+    def diff_argnums(self, args) -> tuple[int, ...]:
+        return tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.inexact))
+
+
+# --- samplers ------------------------------------------------------------------------------
+
+
+def normal(key, shape, dtype, scale=1.0):
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def away_from_zero(key, shape, dtype, low=0.1, high=2.0):
+    """Random signs and magnitudes in [low, high]: no input near a kink at 0."""
+    k_sign, k_mag = jax.random.split(key)
+    sign = jnp.where(jax.random.bernoulli(k_sign, 0.5, shape), 1.0, -1.0)
+    return (sign * jax.random.uniform(k_mag, shape, minval=low, maxval=high)).astype(dtype)
+
+
+def distinct(key, shape, dtype, spread=4.0):
+    """A random permutation of evenly spaced values: every entry differs from every other by
+    at least spread/size, so an argmax is unique and stays put under a finite-difference step."""
+    size = 1
+    for s in shape:
+        size *= s
+    values = jnp.linspace(-spread / 2, spread / 2, size, dtype=jnp.float32)
+    return jax.random.permutation(key, values).reshape(shape).astype(dtype)
+
+
+def probabilities(key, shape, dtype, low=0.05, high=0.95):
+    return jax.random.uniform(key, shape, minval=low, maxval=high).astype(dtype)
+
+
+def probability_rows(key, shape, dtype):
+    return jax.nn.softmax(2 * jax.random.normal(key, shape, jnp.float32), axis=-1).astype(dtype)
+
+
+def labels(key, m, k):
+    return jax.random.randint(key, (m,), 0, k, dtype=jnp.int32)
+
+
+def _keys(key, n):
+    return jax.random.split(key, n)
+
+
+def _zeros(*shape, dtype=jnp.float32):
+    return jnp.zeros(shape, dtype)
+
+
+REGISTRY: dict[str, OpSpec] = {}
+
+
+def register(spec: OpSpec) -> OpSpec:
+    if spec.name in REGISTRY:
+        raise ValueError(f"op {spec.name!r} is registered twice")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def specs() -> list[OpSpec]:
+    return list(REGISTRY.values())
+
+
+# --- dense and flatten ---------------------------------------------------------------------
+
+
+def _dense_case(m, n_in, n_out, bias=True, lead=()):
+    def make(key, dtype):
+        kx, kw, kb = _keys(key, 3)
+        args = (normal(kx, (*lead, m, n_in), dtype), normal(kw, (n_out, n_in), dtype, 0.5))
+        return (*args, normal(kb, (n_out,), dtype)) if bias else args
+
+    shape = "x".join(str(s) for s in (*lead, m, n_in))
+    return Case(f"x({shape})-w({n_out}x{n_in}){'-bias' if bias else ''}", make)
+
+
+register(OpSpec(
+    name="dense",
+    family="dense",
+    op=ops.dense,
+    reference=reference.dense,
+    argnames=("x", "w", "b"),
+    cases=(
+        _dense_case(4, 5, 3),
+        _dense_case(1, 7, 2),  # batch 1
+        _dense_case(9, 1, 6),
+        _dense_case(13, 11, 5, bias=False),
+        _dense_case(3, 4, 2, lead=(2,)),  # extra leading sample axis
+    ),
+    random_case=lambda draw: _dense_case(draw(1, 9), draw(1, 9), draw(1, 9), bias=draw(0, 1) == 1),
+    derivation="§1",
+    formula="dx = g·W,  dW = gᵀ·x,  db = Σ_rows g",
+    bad_inputs=(
+        BadInput("features", lambda: (_zeros(4, 5), _zeros(3, 6), _zeros(3)), ValueError,
+                 r"dense: x has 5 features but w expects 6 \(x \(4, 5\), w \(3, 6\)"),
+        BadInput("w-rank", lambda: (_zeros(4, 5), _zeros(5)), ValueError,
+                 r"dense: `w` must have rank 2 \(n_out, n_in\), got shape \(5,\)"),
+        BadInput("bias-shape", lambda: (_zeros(4, 5), _zeros(3, 5), _zeros(4)), ValueError,
+                 r"dense: `b` must have shape \(n_out,\) = \(3,\).*got \(4,\)"),
+        BadInput("int-x", lambda: (jnp.zeros((4, 5), jnp.int32), _zeros(3, 5)), TypeError,
+                 r"dense: `x` must have a floating dtype, got int32"),
+    ),
+))
+
+
+def _flatten_case(*shape):
+    return Case(f"x{shape}".replace(" ", ""), lambda key, dtype: (normal(key, shape, dtype),))
+
+
+register(OpSpec(
+    name="flatten",
+    family="dense",
+    op=ops.flatten,
+    reference=reference.flatten,
+    argnames=("x",),
+    cases=(_flatten_case(2, 3, 4, 5), _flatten_case(1, 7), _flatten_case(3, 1, 2)),
+    random_case=lambda draw: _flatten_case(draw(1, 4), draw(1, 4), draw(1, 5)),
+    derivation="§1.4",
+    formula="dx = reshape(g, x.shape)",
+    bad_inputs=(
+        BadInput("rank0", lambda: (jnp.float32(1.0),), ValueError,
+                 r"flatten: `x` must have rank >= 1"),
+    ),
+))
+
+
+# --- activations ---------------------------------------------------------------------------
+
+
+def _elementwise_case(shape, sampler=normal, **kwargs):
+    name = "x".join(map(str, shape)) + "".join(f"-{k}={v}" for k, v in kwargs.items())
+    return Case(name, lambda key, dtype: (sampler(key, shape, dtype),), kwargs)
+
+
+def _register_elementwise(name, op, ref, formula, derivation, sampler=normal, kwargs=None,
+                          random_kwargs=None, extra_cases=()):
+    kwargs = kwargs or {}
+    register(OpSpec(
+        name=name,
+        family="activations",
+        op=op,
+        reference=ref,
+        argnames=("z",),
+        cases=(
+            _elementwise_case((4, 5), sampler, **kwargs),
+            _elementwise_case((1, 1), sampler, **kwargs),
+            _elementwise_case((3, 7, 2), sampler, **kwargs),
+            _elementwise_case((6,), sampler, **kwargs),
+            *extra_cases,
+        ),
+        random_case=lambda draw: _elementwise_case(
+            tuple(draw(1, 6) for _ in range(draw(1, 3))), sampler,
+            **(random_kwargs(draw) if random_kwargs else kwargs),
+        ),
+        derivation=derivation,
+        formula=formula,
+        bad_inputs=(
+            BadInput("int", lambda: (jnp.arange(4, dtype=jnp.int32),), TypeError,
+                     rf"{name}: `z` must have a floating dtype, got int32"),
+        ) + (
+            (BadInput("axis", lambda: (_zeros(2, 3),), ValueError,
+                      rf"{name}: `axis` \(=2\) is out of range for an input of shape \(2, 3\)",
+                      {"axis": 2}),)
+            if "axis" in kwargs else ()
+        ),
+    ))
+
+
+_register_elementwise("sigmoid", ops.sigmoid, reference.sigmoid,
+                      "dz = g ⊙ a ⊙ (1 − a)", "§2.1", normal)
+_register_elementwise("tanh", ops.tanh, reference.tanh, "dz = g ⊙ (1 − a²)", "§2.2", normal)
+_register_elementwise("relu", ops.relu, reference.relu,
+                      "dz = g ⊙ [z ≥ 0]  (1 at z = 0)", "§2.3", away_from_zero)
+_register_elementwise("leaky_relu", ops.leaky_relu, reference.leaky_relu,
+                      "dz = g where z ≥ 0, slope·g elsewhere", "§2.3", away_from_zero,
+                      kwargs={"negative_slope": 0.1},
+                      random_kwargs=lambda draw: {"negative_slope": draw(0, 30) / 100})
+_register_elementwise("softmax", ops.softmax, reference.softmax,
+                      "dz = a ⊙ (g − ⟨g, a⟩)", "§2.4", normal, kwargs={"axis": -1},
+                      random_kwargs=lambda draw: {"axis": -1},
+                      # a non-last class axis too (NCHW segmentation logits, say)
+                      extra_cases=(_elementwise_case((3, 4, 5), normal, axis=1),))
+_register_elementwise("log_softmax", ops.log_softmax, reference.log_softmax,
+                      "dz = g − softmax(z)·Σg", "§2.5", normal, kwargs={"axis": -1},
+                      random_kwargs=lambda draw: {"axis": -1})
+
+
+
+# --- losses --------------------------------------------------------------------------------
+
+
+def _ce_case(m, k, probs=False):
+    def make(key, dtype):
+        kz, ky = _keys(key, 2)
+        y = probability_rows(ky, (m, k), dtype) if probs else labels(ky, m, k)
+        return normal(kz, (m, k), dtype, 2.0), y
+
+    return Case(f"logits({m}x{k})-{'probs' if probs else 'int'}", make)
+
+
+register(OpSpec(
+    name="softmax_cross_entropy",
+    family="losses",
+    op=ops.softmax_cross_entropy,
+    reference=reference.softmax_cross_entropy,
+    argnames=("logits", "labels"),
+    cases=(_ce_case(6, 4), _ce_case(1, 3), _ce_case(5, 7, probs=True), _ce_case(1, 2, True)),
+    random_case=lambda draw: _ce_case(draw(1, 8), draw(2, 8), probs=draw(0, 1) == 1),
+    derivation="§3.1",
+    formula="dz = (softmax(z) − y)/m;  dy = −log softmax(z)/m",
+    bad_inputs=(
+        BadInput("labels-shape", lambda: (_zeros(4, 3), jnp.zeros((5,), jnp.int32)),
+                 ValueError, r"integer `labels` must have shape \(m,\) = \(4,\)"),
+        BadInput("logits-rank", lambda: (_zeros(4), jnp.zeros((4,), jnp.int32)), ValueError,
+                 r"`logits` must have rank 2 \(m, k\), got shape \(4,\)"),
+        BadInput("probs-shape", lambda: (_zeros(4, 3), _zeros(4, 2)), ValueError,
+                 r"`logits` and `labels` must have the same shape"),
+        BadInput("bool-labels", lambda: (_zeros(4, 3), jnp.zeros((4,), bool)), TypeError,
+                 r"`labels` must be integer class indices"),
+    ),
+))
+
+
+def _pair_case(name, shape, first, second):
+    def make(key, dtype):
+        k1, k2 = _keys(key, 2)
+        return first(k1, shape, dtype), second(k2, shape, dtype)
+
+    return Case(f"{name}{shape}".replace(" ", ""), make)
+
+
+def _register_pair_loss(name, op, ref, argnames, first, second, formula, derivation):
+    register(OpSpec(
+        name=name,
+        family="losses",
+        op=op,
+        reference=ref,
+        argnames=argnames,
+        cases=tuple(_pair_case(argnames[0], s, first, second)
+                    for s in ((5, 3), (1, 1), (7,), (2, 3, 4))),
+        random_case=lambda draw: _pair_case(
+            argnames[0], tuple(draw(1, 6) for _ in range(draw(1, 3))), first, second),
+        derivation=derivation,
+        formula=formula,
+        bad_inputs=(
+            BadInput("shape", lambda: (_zeros(4, 3), _zeros(4, 2)), ValueError,
+                     rf"{name}: `{argnames[0]}` and `{argnames[1]}` must have the same shape"),
+            BadInput("rank0", lambda: (jnp.float32(0.5), jnp.float32(0.5)), ValueError,
+                     rf"{name}: `{argnames[0]}` must have rank >= 1"),
+            BadInput("int", lambda: (jnp.zeros((2, 2), jnp.int32), _zeros(2, 2)), TypeError,
+                     rf"{name}: `{argnames[0]}` must have a floating dtype, got int32"),
+        ),
+    ))
+
+
+_register_pair_loss("binary_cross_entropy", ops.binary_cross_entropy,
+                    reference.binary_cross_entropy, ("probs", "targets"),
+                    probabilities, lambda k, s, d: probabilities(k, s, d, 0.0, 1.0),
+                    "dp = (−y/p + (1−y)/(1−p))/m;  dy = (log(1−p) − log p)/m", "§3.2")
+_register_pair_loss("sigmoid_binary_cross_entropy", ops.sigmoid_binary_cross_entropy,
+                    reference.sigmoid_binary_cross_entropy, ("logits", "targets"),
+                    lambda k, s, d: normal(k, s, d, 3.0),
+                    lambda k, s, d: probabilities(k, s, d, 0.0, 1.0),
+                    "dz = (σ(z) − y)/m;  dy = −z/m", "§3.3")
+_register_pair_loss("squared_error", ops.squared_error, reference.squared_error,
+                    ("pred", "target"), normal, normal,
+                    "dpred = (pred − target)/m = −dtarget", "§3.4")

@@ -1,0 +1,86 @@
+"""The one table of tolerances, per platform and dtype, used by tests, check_vjp and verify.py.
+
+A hand gradient ``h`` passes against a reference ``r`` when
+
+    max |h − r|  ≤  atol + rtol · max |r|
+
+(the error relative to the largest reference entry, so a near-zero entry cannot blow up the
+ratio). Why these numbers:
+
+* float64, every platform: both sides compute the same formula with rounding differences of a
+  few ulps times the reduction length, far below 1e-10 (the issue's target).
+* float32 on CPU: ~1e-7 per op, a few ops deep, reductions up to ~10⁴ terms: 1e-5.
+* float32 on GPU/TPU under ``jax.default_matmul_precision("highest")``: the same as CPU up to
+  reduction order: 2e-5. At the *default* precision, matmuls and convolutions run as TF32 on
+  NVIDIA GPUs (10-bit mantissa) and bf16 passes on TPU: we report that error too, against
+  ``DEFAULT_PRECISION`` below, so users see both.
+* bfloat16 (8-bit mantissa, 2^-8 ≈ 4e-3 per rounding) and float16 (2^-11 ≈ 5e-4): a few
+  roundings deep, compared with the reference evaluated in the same dtype.
+* Central finite differences, in float64 only: step 1e-6 gives truncation ~1e-12 and rounding
+  ~1e-10 relative; 1e-6 leaves room for sums over a few hundred elements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+    def allows(self, max_abs_err: float, ref_scale: float) -> bool:
+        return max_abs_err <= self.atol + self.rtol * ref_scale
+
+
+# (platform, dtype name) -> Tolerance for "hand VJP vs autodiff of the reference".
+AUTODIFF: dict[tuple[str, str], Tolerance] = {
+    ("cpu", "float64"): Tolerance(rtol=1e-10, atol=1e-13),
+    ("gpu", "float64"): Tolerance(rtol=1e-10, atol=1e-13),
+    ("tpu", "float64"): Tolerance(rtol=1e-10, atol=1e-13),
+    ("cpu", "float32"): Tolerance(rtol=1e-5, atol=1e-6),
+    ("gpu", "float32"): Tolerance(rtol=2e-5, atol=1e-6),
+    ("tpu", "float32"): Tolerance(rtol=2e-5, atol=1e-6),
+    ("cpu", "bfloat16"): Tolerance(rtol=3e-2, atol=1e-2),
+    ("gpu", "bfloat16"): Tolerance(rtol=3e-2, atol=1e-2),
+    ("tpu", "bfloat16"): Tolerance(rtol=3e-2, atol=1e-2),
+    ("cpu", "float16"): Tolerance(rtol=5e-3, atol=1e-3),
+    ("gpu", "float16"): Tolerance(rtol=5e-3, atol=1e-3),
+    ("tpu", "float16"): Tolerance(rtol=5e-3, atol=1e-3),
+}
+
+# float32 at the platform's default matmul/conv precision (TF32 on NVIDIA, bf16 passes on TPU).
+DEFAULT_PRECISION: dict[str, Tolerance] = {
+    "cpu": Tolerance(rtol=1e-5, atol=1e-6),
+    "gpu": Tolerance(rtol=5e-3, atol=1e-4),
+    "tpu": Tolerance(rtol=2e-2, atol=1e-3),
+}
+
+# Central finite differences, float64.
+FINITE_DIFFERENCES = Tolerance(rtol=1e-6, atol=1e-8)
+FD_STEP = 1e-6
+
+# Low-precision results compared with the float32 result of the same op (mixed precision).
+LOW_PRECISION_VS_FLOAT32: dict[str, Tolerance] = {
+    "bfloat16": Tolerance(rtol=5e-2, atol=2e-2),
+    "float16": Tolerance(rtol=1e-2, atol=2e-3),
+}
+
+
+def platform_family(platform: str) -> str:
+    """Map JAX platform names ('cuda', 'rocm', 'METAL', …) onto the table's families."""
+    platform = platform.lower()
+    if platform in ("cuda", "rocm", "gpu", "metal"):
+        return "gpu"
+    return platform if platform in ("cpu", "tpu") else "gpu"
+
+
+def autodiff_tolerance(dtype, platform: str = "cpu") -> Tolerance:
+    name = jnp.dtype(dtype).name
+    key = (platform_family(platform), name)
+    if key not in AUTODIFF:
+        raise KeyError(f"no tolerance for dtype {name} on platform {platform}")
+    return AUTODIFF[key]

@@ -1,0 +1,42 @@
+"""Test configuration: float64 on (finite differences need it), strict shapes.
+
+``jax_numpy_rank_promotion="raise"`` turns an accidental broadcast into an error instead of a
+silently wrong gradient (a ``db`` of the wrong rank, say), as equinox's tests do.
+"""
+
+import os
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+from hypothesis import settings  # noqa: E402
+
+# Small example counts by default; `-m slow` runs and HANDGRAD_HYPOTHESIS_PROFILE=full use more.
+settings.register_profile("quick", max_examples=10, deadline=None, derandomize=False)
+settings.register_profile("full", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HANDGRAD_HYPOTHESIS_PROFILE", "quick"))
+
+
+def available_platforms():
+    found = []
+    for platform in ("cpu", "gpu", "tpu"):
+        try:
+            if jax.devices(platform):
+                found.append(platform)
+        except RuntimeError:
+            pass
+    return found
+
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+@pytest.fixture(params=PLATFORMS)
+def platform(request):
+    """Every platform: the present ones run, the absent ones are skipped with the reason."""
+    if request.param not in available_platforms():
+        pytest.skip(f"no {request.param} device: jax.devices() offers {jax.devices()}")
+    return request.param
