@@ -9,11 +9,14 @@
 from handgrad import reference as reference
 from handgrad.check import CheckResult as CheckResult
 from handgrad.check import check_vjp as check_vjp
+from handgrad.ops import avg_pool2d as avg_pool2d
 from handgrad.ops import binary_cross_entropy as binary_cross_entropy
+from handgrad.ops import conv2d as conv2d
 from handgrad.ops import dense as dense
 from handgrad.ops import flatten as flatten
 from handgrad.ops import leaky_relu as leaky_relu
 from handgrad.ops import log_softmax as log_softmax
+from handgrad.ops import max_pool2d as max_pool2d
 from handgrad.ops import relu as relu
 from handgrad.ops import sigmoid as sigmoid
 from handgrad.ops import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy

@@ -136,7 +136,7 @@ def check_vjp(
     finite_differences: bool = True,
     fd_step: float = tolerances.FD_STEP,
     fd_tolerance: tolerances.Tolerance = tolerances.FINITE_DIFFERENCES,
-    max_fd_elements: int = 256,
+    max_fd_elements: int = 512,
     fd_directions: int = 4,
     second_order: bool = False,
     vmap: bool = False,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.scipy.special import xlog1py, xlogy
 
 from handgrad import _checks
-from handgrad.ops import _activations, _dense
+from handgrad.ops import _activations, _conv, _dense, _pooling
 
 
 def dense(x, w, b=None):
@@ -73,7 +73,9 @@ def softmax_cross_entropy(logits, labels):
     m = logits.shape[0]
     logp = _acc(log_softmax(logits, axis=1))
     if jnp.issubdtype(labels.dtype, jnp.integer):
-        picked = jnp.take_along_axis(logp, labels[:, None], axis=1)
+        picked = jnp.take_along_axis(logp, labels[:, None], axis=1, mode="clip")
+        valid = ((labels >= 0) & (labels < logits.shape[1]))[:, None]
+        picked = jnp.where(valid, picked, jnp.nan)
         return (-jnp.sum(picked) / m).astype(logits.dtype)
     return (-jnp.sum(_acc(labels) * logp) / m).astype(logits.dtype)
 
@@ -94,3 +96,38 @@ def squared_error(pred, target):
     p, t = _acc(jnp.asarray(pred)), _acc(jnp.asarray(target))
     return (0.5 * jnp.sum((p - t) ** 2) / p.shape[0]).astype(jnp.result_type(pred))
 
+
+
+def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    b = None if b is None else jnp.asarray(b)
+    stride, pads, dilation, groups, _ = _conv.conv2d_config(
+        "conv2d", x, w, b, stride, padding, dilation, groups)
+    z = jax.lax.conv_general_dilated(
+        x, w, window_strides=stride, padding=pads, rhs_dilation=dilation,
+        dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=groups,
+    )
+    return z if b is None else z + b.reshape(1, -1, 1, 1)
+
+
+def _reduce_window(x, init, reducer, window, stride, pads):
+    # A Python-scalar identity lets JAX recognize the max/add monoid and pick the
+    # differentiable reduce_window_max / reduce_window_sum primitives.
+    return jax.lax.reduce_window(
+        x, init, reducer, (1, 1, *window), (1, 1, *stride),
+        ((0, 0), (0, 0), *pads),
+    )
+
+
+def max_pool2d(x, window, stride=None, padding=0):
+    x = jnp.asarray(x)
+    window, stride, pads, _, _ = _pooling.pool_config(
+        "max_pool2d", x, window, stride, padding, pad_at_most_half_window=True)
+    # What jax.grad differentiates: reduce_window max, whose VJP XLA runs as select-and-scatter.
+    return _reduce_window(x, -jnp.inf, jax.lax.max, window, stride, pads)
+
+
+def avg_pool2d(x, window, stride=None, padding=0):
+    x = jnp.asarray(x)
+    window, stride, pads, _, _ = _pooling.pool_config("avg_pool2d", x, window, stride, padding)
+    return _reduce_window(x, 0.0, jax.lax.add, window, stride, pads) / (window[0] * window[1])

@@ -326,3 +326,174 @@ _register_pair_loss("sigmoid_binary_cross_entropy", ops.sigmoid_binary_cross_ent
 _register_pair_loss("squared_error", ops.squared_error, reference.squared_error,
                     ("pred", "target"), normal, normal,
                     "dpred = (pred − target)/m = −dtarget", "§3.4")
+
+
+# --- convolution ---------------------------------------------------------------------------
+
+
+def _conv_case(x_shape, w_shape, bias=True, **kwargs):
+    def make(key, dtype):
+        kx, kw, kb = _keys(key, 3)
+        fan_in = w_shape[1] * w_shape[2] * w_shape[3]
+        args = (normal(kx, x_shape, dtype), normal(kw, w_shape, dtype, fan_in**-0.5))
+        return (*args, normal(kb, (w_shape[0],), dtype)) if bias else args
+
+    config = "".join(f"-{k}={v}" for k, v in kwargs.items()).replace(" ", "")
+    name = f"x{x_shape}-w{w_shape}{'' if bias else '-nobias'}{config}".replace(" ", "")
+    return Case(name, make, kwargs)
+
+
+def _random_conv_case(draw: DrawInt) -> Case:
+    groups = (1, 1, 2, 3)[draw(0, 3)]
+    cg, og = draw(1, 3), draw(1, 3)
+    kh, kw = draw(1, 4), draw(1, 4)
+    stride = (draw(1, 3), draw(1, 3))
+    dilation = (draw(1, 2), draw(1, 2))
+    mode = draw(0, 3)
+    if mode == 0:
+        padding = draw(0, 2)
+    elif mode == 1:
+        padding = ((draw(0, 2), draw(0, 2)), (draw(0, 2), draw(0, 2)))
+    else:
+        padding = ("SAME", "VALID")[mode - 2]
+    h = (kh - 1) * dilation[0] + 1 + draw(0, 5)
+    w = (kw - 1) * dilation[1] + 1 + draw(0, 5)
+    return _conv_case((draw(1, 3), groups * cg, h, w), (groups * og, cg, kh, kw),
+                      bias=draw(0, 1) == 1, stride=stride, padding=padding, dilation=dilation,
+                      groups=groups)
+
+
+register(OpSpec(
+    name="conv2d",
+    family="conv",
+    op=ops.conv2d,
+    reference=reference.conv2d,
+    argnames=("x", "w", "b"),
+    cases=(
+        _conv_case((2, 3, 7, 6), (4, 3, 3, 3)),
+        _conv_case((1, 2, 5, 5), (3, 2, 1, 1)),  # batch 1, 1×1 kernel
+        _conv_case((2, 3, 8, 7), (4, 3, 3, 3), stride=2, padding=1),
+        _conv_case((2, 2, 9, 8), (3, 2, 2, 3), stride=3, padding=((1, 2), (0, 1))),
+        _conv_case((1, 3, 7, 5), (2, 3, 3, 3), stride=2, padding="SAME"),
+        _conv_case((2, 2, 6, 6), (2, 2, 3, 2), padding=(2, 1)),
+        _conv_case((2, 2, 9, 9), (3, 2, 3, 3), dilation=2),
+        _conv_case((2, 4, 6, 6), (6, 2, 3, 3), groups=2),
+        _conv_case((2, 3, 6, 5), (6, 1, 3, 3), groups=3, padding=1),  # depthwise, multiplier 2
+        _conv_case((2, 3, 5, 4), (2, 3, 5, 4), bias=False),  # kernel = input size
+        _conv_case((1, 4, 8, 7), (4, 2, 2, 3), stride=(2, 1), dilation=(1, 2),
+                   padding=((2, 0), (1, 1)), groups=2),
+    ),
+    random_case=_random_conv_case,
+    derivation="§4",
+    formula="dx = dilate_s(g) ⋆full rot180(w)ᵀ;  dw = x_pad ⋆ g;  db = Σ g",
+    bad_inputs=(
+        BadInput("x-rank", lambda: (_zeros(3, 8, 8), _zeros(4, 3, 3, 3)), ValueError,
+                 r"conv2d: `x` must have rank 4 \(N, C, H, W\), got shape \(3, 8, 8\)"),
+        BadInput("w-rank", lambda: (_zeros(1, 3, 8, 8), _zeros(4, 3, 3)), ValueError,
+                 r"conv2d: `w` must have rank 4 \(O, C/groups, kh, kw\), got shape \(4, 3, 3\)"),
+        BadInput("channels", lambda: (_zeros(1, 3, 8, 8), _zeros(4, 2, 3, 3)), ValueError,
+                 r"conv2d: x has 3 channels but w expects C/groups·groups = 2·1 = 2 "
+                 r"\(x \(1, 3, 8, 8\), w \(4, 2, 3, 3\)\)"),
+        BadInput("groups-divide-O", lambda: (_zeros(1, 4, 8, 8), _zeros(3, 2, 3, 3)),
+                 ValueError, r"output channels of w \(3, w \(3, 2, 3, 3\)\) must be divisible "
+                 r"by `groups` \(=2\)", {"groups": 2}),
+        BadInput("kernel-too-big", lambda: (_zeros(1, 1, 4, 4), _zeros(1, 1, 5, 3)),
+                 ValueError, r"conv2d: the kernel \(5 along height.*larger than the padded "
+                 r"input \(4 = 4 \+ 0 \+ 0\)"),
+        BadInput("stride-zero", lambda: (_zeros(1, 1, 4, 4), _zeros(1, 1, 3, 3)), ValueError,
+                 r"conv2d: `stride` must be >= 1, got 0", {"stride": 0}),
+        BadInput("padding-negative", lambda: (_zeros(1, 1, 4, 4), _zeros(1, 1, 3, 3)),
+                 ValueError, r"conv2d: `padding` must be non-negative", {"padding": -1}),
+        BadInput("padding-string", lambda: (_zeros(1, 1, 4, 4), _zeros(1, 1, 3, 3)),
+                 ValueError, r"'VALID' or 'SAME', got 'FULL'", {"padding": "FULL"}),
+        BadInput("bias-shape", lambda: (_zeros(1, 3, 8, 8), _zeros(4, 3, 3, 3), _zeros(3)),
+                 ValueError, r"conv2d: `b` must have shape \(O,\) = \(4,\)"),
+    ),
+))
+
+
+# --- pooling -------------------------------------------------------------------------------
+
+
+def _pool_case(x_shape, window, sampler, **kwargs):
+    config = "".join(f"-{k}={v}" for k, v in kwargs.items())
+    name = f"x{x_shape}-window={window}{config}".replace(" ", "")
+    return Case(name, lambda key, dtype: (sampler(key, x_shape, dtype),),
+                {"window": window, **kwargs})
+
+
+def _pool_cases(sampler):
+    return (
+        _pool_case((2, 3, 6, 6), 2, sampler),
+        _pool_case((1, 2, 5, 7), 3, sampler, stride=2, padding=1),  # overlapping, batch 1
+        _pool_case((2, 2, 7, 5), (3, 2), sampler, stride=1),  # heavy overlap
+        _pool_case((1, 1, 7, 6), 3, sampler, stride=2, padding="SAME"),
+        _pool_case((2, 2, 5, 6), 2, sampler, stride=2, padding=((1, 0), (0, 1))),
+        _pool_case((2, 2, 4, 5), (4, 5), sampler),  # window = input size
+        _pool_case((1, 2, 3, 4), 1, sampler),  # 1×1 window
+        _pool_case((1, 2, 8, 9), 2, sampler, stride=3),  # gaps between windows
+    )
+
+
+def _random_pool_case(sampler):
+    def draw_case(draw: DrawInt) -> Case:
+        window = (draw(1, 4), draw(1, 4))
+        stride = (draw(1, 3), draw(1, 3))
+        mode = draw(0, 2)
+        if mode == 0:
+            padding = (draw(0, window[0] // 2), draw(0, window[1] // 2))
+        else:
+            padding = ("SAME", "VALID")[mode - 1]
+        shape = (draw(1, 3), draw(1, 3), window[0] + draw(0, 5), window[1] + draw(0, 5))
+        return _pool_case(shape, window, sampler, stride=stride, padding=padding)
+
+    return draw_case
+
+
+def _pool_bad_inputs(name):
+    return (
+        BadInput("x-rank", lambda: (_zeros(3, 8, 8),), ValueError,
+                 rf"{name}: `x` must have rank 4 \(N, C, H, W\), got shape \(3, 8, 8\)",
+                 {"window": 2}),
+        BadInput("window-too-big", lambda: (_zeros(1, 1, 4, 6),), ValueError,
+                 rf"{name}: the window \(5 along height.*larger than the padded input "
+                 rf"\(4 = 4 \+ 0 \+ 0\)", {"window": 5}),
+        BadInput("stride-zero", lambda: (_zeros(1, 1, 4, 4),), ValueError,
+                 rf"{name}: `stride` must be >= 1, got 0", {"window": 2, "stride": 0}),
+        BadInput("window-zero", lambda: (_zeros(1, 1, 4, 4),), ValueError,
+                 rf"{name}: `window` must be >= 1, got \(0, 2\)", {"window": (0, 2)}),
+        BadInput("int-x", lambda: (jnp.zeros((1, 1, 4, 4), jnp.int32),), TypeError,
+                 rf"{name}: `x` must have a floating dtype, got int32", {"window": 2}),
+    )
+
+
+register(OpSpec(
+    name="max_pool2d",
+    family="pooling",
+    op=ops.max_pool2d,
+    reference=reference.max_pool2d,
+    argnames=("x",),
+    cases=_pool_cases(distinct),  # distinct values: a unique argmax in every window
+    random_case=_random_pool_case(distinct),
+    derivation="§5.1",
+    formula="dx[argmax of each window] += g  (first maximum on ties)",
+    bad_inputs=(
+        *_pool_bad_inputs("max_pool2d"),
+        BadInput("padding-over-half", lambda: (_zeros(1, 1, 6, 6),), ValueError,
+                 r"max_pool2d: `padding` .* must be at most half the window", {"window": 2,
+                                                                                "padding": 2}),
+    ),
+))
+
+register(OpSpec(
+    name="avg_pool2d",
+    family="pooling",
+    op=ops.avg_pool2d,
+    reference=reference.avg_pool2d,
+    argnames=("x",),
+    cases=_pool_cases(normal),
+    random_case=_random_pool_case(normal),
+    derivation="§5.2",
+    formula="dx[every input of a window] += g / (kh·kw)",
+    bad_inputs=_pool_bad_inputs("avg_pool2d"),
+))

@@ -20,7 +20,14 @@ CASES = [
     for case in spec.cases
     for dtype in spec.dtypes
 ]
-CASES_F64 = [p for p in CASES if p.values[2] == "float64"]
+# Grad-of-grad and vmap: the first three cases of each op in the quick suite, all in `-m slow`.
+CASES_F64 = [
+    pytest.param(*p.values, id=p.id,
+                 marks=() if spec_index < 3 else (pytest.mark.slow,))
+    for spec in SPECS
+    for spec_index, p in enumerate(
+        q for q in CASES if q.values[0] is spec and q.values[2] == "float64")
+]
 
 
 def _on(platform, args):

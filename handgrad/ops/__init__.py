@@ -10,12 +10,15 @@ from handgrad.ops._activations import relu as relu
 from handgrad.ops._activations import sigmoid as sigmoid
 from handgrad.ops._activations import softmax as softmax
 from handgrad.ops._activations import tanh as tanh
+from handgrad.ops._conv import conv2d as conv2d
 from handgrad.ops._dense import dense as dense
 from handgrad.ops._dense import flatten as flatten
 from handgrad.ops._losses import binary_cross_entropy as binary_cross_entropy
 from handgrad.ops._losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from handgrad.ops._losses import softmax_cross_entropy as softmax_cross_entropy
 from handgrad.ops._losses import squared_error as squared_error
+from handgrad.ops._pooling import avg_pool2d as avg_pool2d
+from handgrad.ops._pooling import max_pool2d as max_pool2d
 
 OP_NAMES = (
     "dense",
@@ -30,4 +33,7 @@ OP_NAMES = (
     "binary_cross_entropy",
     "sigmoid_binary_cross_entropy",
     "squared_error",
+    "conv2d",
+    "max_pool2d",
+    "avg_pool2d",
 )

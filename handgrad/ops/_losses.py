@@ -32,10 +32,17 @@ def _mean_over_batch(per_element, m, dtype):
 # --- softmax cross-entropy -----------------------------------------------------------------
 
 
+def _label_in_range(labels, k):
+    """(m, 1) bool: a label outside [0, k) cannot be checked at trace time (it is data), so
+    it makes the loss and its gradient NaN — never a silently wrong, finite number."""
+    return ((labels >= 0) & (labels < k))[:, None]
+
+
 @jax.custom_vjp
 def _softmax_ce_int(logits, labels):
     logp = _log_softmax(logits, 1)
-    picked = jnp.take_along_axis(_acc(logp), labels[:, None], axis=1)
+    picked = jnp.take_along_axis(_acc(logp), labels[:, None], axis=1, mode="clip")
+    picked = jnp.where(_label_in_range(labels, logits.shape[1]), picked, jnp.nan)
     return _mean_over_batch(-picked, _batch_size(logits), logits.dtype)
 
 
@@ -51,6 +58,7 @@ def _softmax_ce_int_bwd(residuals, g):
     y = jax.nn.one_hot(labels, logp.shape[1], dtype=a.dtype)
     # The fused softmax + cross-entropy gradient: dz = (a − y)/m, scaled by the upstream g.
     dz = (g.astype(a.dtype) / m) * (a - y)
+    dz = jnp.where(_label_in_range(labels, logp.shape[1]), dz, jnp.nan)
     return dz.astype(logp.dtype), None  # integer labels: no cotangent
 
 
@@ -92,7 +100,9 @@ def softmax_cross_entropy(logits, labels):
     Args:
       logits: ``(m, k)`` floating.
       labels: integer class indices ``(m,)`` in ``[0, k)``, or probability rows ``(m, k)``
-        (each row summing to 1; then both arguments are differentiable).
+        (each row summing to 1; then both arguments are differentiable). An integer label
+        outside ``[0, k)`` makes the loss and the gradient NaN (values are not known at
+        trace time, so this cannot be a trace-time error).
 
     Returns:
       scalar loss, dtype of ``logits``.

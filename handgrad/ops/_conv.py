@@ -1,0 +1,205 @@
+r"""2-D convolution (cross-correlation, NCHW/OIHW) with the backward of seed 004 written out.
+
+Forward (seed 004, generalized to channels, stride s, dilation d, groups):
+
+    z[n, o, i, j] = Σ_c Σ_a Σ_b w[o, c, a, b] · x_pad[n, c, i·s + a·d, j·s + b·d] + bias[o]
+
+Backward, given the error map g = ∂J/∂z (N, O, Ho, Wo):
+
+* dx: g dilated by the stride (s − 1 zeros between entries), zero-padded to a "full"
+  convolution, then correlated with the kernel **rotated by 180°** with its in/out channel
+  axes swapped (per group) — seed 004's δ_prev = pad(δ) ⋆ rot180(w);
+* dw: the correlation of the padded input with the error map — seed 004's
+  ∂E/∂w[a, b] = Σ_ij δ[i, j]·y_prev[i + a, j + b] — one contraction per kernel offset;
+* db: the sum of the error map over N, H, W.
+
+Derivation: docs/derivations.md §4.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from handgrad import _checks
+from handgrad.ops import _windows
+
+_DIMENSIONS = ("NCHW", "OIHW", "NCHW")
+
+
+def _forward(x, w, config):
+    stride, padding, dilation, groups, _ = config
+    return lax.conv_general_dilated(
+        x, w, window_strides=stride, padding=padding, rhs_dilation=dilation,
+        dimension_numbers=_DIMENSIONS, feature_group_count=groups,
+    )
+
+
+def rotate_180_swap_io(w, groups: int):
+    """rot180(w) with in/out channel axes swapped per group: (O, C/G, kh, kw) -> (C, O/G, kh, kw).
+
+    This is the kernel of the "full convolution" that maps the error map back to the input.
+    """
+    o, cg, kh, kw = w.shape
+    per_group = w.reshape(groups, o // groups, cg, kh, kw)
+    swapped = per_group.transpose(0, 2, 1, 3, 4).reshape(groups * cg, o // groups, kh, kw)
+    return swapped[:, :, ::-1, ::-1]
+
+
+def conv2d_input_grad(g, w, config):
+    """dx = dilate_s(g), padded for a full convolution, ⋆ rot180(w) with in/out swapped."""
+    stride, padding, dilation, groups, in_hw = config
+    kernel_eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
+    pads = []
+    for size, k, s, (lo, hi) in zip(in_hw, kernel_eff, stride, padding):
+        # Input rows past the last window (the stride's remainder) were never read: the extra
+        # high-side padding `remainder` gives them zero gradient. A pad larger than k − 1
+        # turns into negative padding, i.e. cropping, which lax.pad does.
+        remainder = (size + lo + hi - k) % s
+        pads.append((k - 1 - lo, k - 1 - hi + remainder, s - 1))
+    zero = jnp.zeros((), g.dtype)
+    g_full = lax.pad(g, zero, ((0, 0, 0), (0, 0, 0), *pads))
+    return lax.conv_general_dilated(
+        g_full, rotate_180_swap_io(w, groups), window_strides=(1, 1), padding="VALID",
+        rhs_dilation=dilation, dimension_numbers=_DIMENSIONS, feature_group_count=groups,
+    )
+
+
+def conv2d_weight_grad(x, g, w_shape, config):
+    """dw[o, c, a, b] = Σ_{n,i,j} g[n, o, i, j] · x_pad[n, c, i·s + a·d, j·s + b·d], per group.
+
+    One strided slice of the padded input per kernel offset (a, b) and one contraction over
+    (n, i, j) — an im2col whose columns are never concatenated in memory. XLA:CPU lowers the
+    autodiff weight gradient of a grouped convolution to an expanded batch-group convolution;
+    this form stays a plain batched matmul per offset.
+    """
+    stride, padding, dilation, groups, _ = config
+    xp = _windows.pad_spatial(x, padding, 0)
+    n = x.shape[0]
+    o, cg, kh, kw = w_shape
+    out_hw = g.shape[2:]
+    g_grouped = g.reshape(n, groups, o // groups, *out_hw)
+    # 16-bit inputs accumulate the long (n, i, j) sums in float32.
+    accumulate = jnp.float32 if jnp.dtype(g.dtype).itemsize < 4 else None
+    rows = []
+    for a in range(kh):
+        row = []
+        for b in range(kw):
+            patch = _windows.window_slice(xp, a, b, out_hw, stride, dilation)
+            patch = patch.reshape(n, groups, cg, *out_hw)
+            row.append(jnp.einsum("ngohw,ngchw->goc", g_grouped, patch,
+                                  preferred_element_type=accumulate))
+        rows.append(jnp.stack(row, axis=-1))
+    dw = jnp.stack(rows, axis=-2)  # (G, O/G, C/G, kh, kw)
+    return dw.reshape(o, cg, kh, kw)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv2d(x, w, b, config):
+    z = _forward(x, w, config)
+    return z + b.reshape(1, -1, 1, 1)
+
+
+def _conv2d_fwd(x, w, b, config):
+    # Residuals: the input (for dw) and the kernel (for dx). The bias needs nothing.
+    return _conv2d(x, w, b, config), (x, w)
+
+
+def _conv2d_bwd(config, residuals, g):
+    x, w = residuals
+    dx = conv2d_input_grad(g, w, config)
+    dw = conv2d_weight_grad(x, g, w.shape, config)
+    db = jnp.sum(g, axis=(0, 2, 3))  # bias broadcast over (N, H, W) ↔ sum over them
+    return dx.astype(x.dtype), dw.astype(w.dtype), db.astype(w.dtype)
+
+
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2d_no_bias(x, w, config):
+    return _forward(x, w, config)
+
+
+def _conv2d_no_bias_fwd(x, w, config):
+    return _conv2d_no_bias(x, w, config), (x, w)
+
+
+def _conv2d_no_bias_bwd(config, residuals, g):
+    x, w = residuals
+    dx = conv2d_input_grad(g, w, config)
+    dw = conv2d_weight_grad(x, g, w.shape, config)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_conv2d_no_bias.defvjp(_conv2d_no_bias_fwd, _conv2d_no_bias_bwd)
+
+
+def conv2d_config(op, x, w, b, stride, padding, dilation, groups):
+    """Check the arguments and return the static configuration (a hashable tuple)."""
+    _windows.check_nchw(op, x)
+    _checks.check_floating(op, "w", w)
+    _checks.check_rank(op, "w", w, 4, "(O, C/groups, kh, kw)")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: `groups` must be a positive int, got {groups!r}.")
+    o, cg = w.shape[:2]
+    c = x.shape[1]
+    if o % groups:
+        raise ValueError(
+            f"{op}: the output channels of w ({o}, w {tuple(w.shape)}) must be divisible by "
+            f"`groups` (={groups})."
+        )
+    if cg * groups != c:
+        raise ValueError(
+            f"{op}: x has {c} channels but w expects C/groups·groups = {cg}·{groups} = "
+            f"{cg * groups} (x {tuple(x.shape)}, w {tuple(w.shape)})."
+        )
+    if b is not None:
+        _checks.check_floating(op, "b", b)
+        if tuple(b.shape) != (o,):
+            raise ValueError(
+                f"{op}: `b` must have shape (O,) = ({o},) to match w {tuple(w.shape)}, "
+                f"got {tuple(b.shape)}."
+            )
+    stride = _checks.pair(op, "stride", stride)
+    dilation = _checks.pair(op, "dilation", dilation)
+    in_hw = tuple(x.shape[2:])
+    kernel_eff = tuple((k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation))
+    pads = _windows.normalize_padding(op, padding, in_hw, kernel_eff, stride)
+    _windows.output_size(op, x.shape, in_hw, kernel_eff, stride, pads, "kernel")
+    return (stride, pads, dilation, groups, in_hw)
+
+
+def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
+    r"""2-D convolution (cross-correlation, as in CNNs and seed 004), NCHW / OIHW.
+
+    .. math::
+        z_{n,o,i,j} = \sum_{c,a,b} w_{o,c,a,b}\, x^{pad}_{n,c,\,i s + a d,\, j s + b d} + b_o
+
+    Backward (``g = ∂J/∂z``): ``dx`` = the stride-dilated, padded error map convolved with the
+    180°-rotated kernel (in/out channels swapped); ``dw`` = the correlation of the padded input
+    with the error map; ``db = Σ_{n,i,j} g``.
+
+    Args:
+      x: input ``(N, C, H, W)``.
+      w: kernel ``(O, C/groups, kh, kw)``.
+      b: optional bias ``(O,)``.
+      stride: int or (sh, sw), ≥ 1.
+      padding: int, (ph, pw), ((top, bottom), (left, right)), "VALID" or "SAME" (zeros).
+      dilation: int or (dh, dw), ≥ 1: the kernel's taps are d apart.
+      groups: split C and O into this many independent groups (C = groups is depthwise).
+
+    Returns:
+      ``(N, O, Ho, Wo)`` with ``Ho = (H + pad_h − ((kh − 1)·dh + 1)) // sh + 1``.
+
+    Derivation: docs/derivations.md §4.
+    """
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    b = None if b is None else jnp.asarray(b)
+    config = conv2d_config("conv2d", x, w, b, stride, padding, dilation, groups)
+    if b is None:
+        return _conv2d_no_bias(x, w, config)
+    return _conv2d(x, w, b, config)

@@ -1,0 +1,190 @@
+r"""Max and mean pooling (NCHW) with the backward passes of seeds 000 and 001.
+
+* Max pooling records the position of each window's maximum in the forward pass (the notes'
+  "max id"), as a small integer index within the window, and the backward sends the whole
+  gradient to that position and zero to the others.
+* Mean pooling gives each of the n inputs of a window 1/n of its gradient — never a copy of
+  the whole gradient, which would multiply it by n (seed 000).
+
+Both backward passes are a sum over the k² window offsets of :func:`window_place`, the adjoint
+of the strided slice that offset read. Derivation: docs/derivations.md §5.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from handgrad import _checks
+from handgrad.ops import _windows
+
+
+def pool_config(op, x, window, stride, padding, pad_at_most_half_window=False):
+    _windows.check_nchw(op, x)
+    window = _checks.pair(op, "window", window)
+    stride = window if stride is None else _checks.pair(op, "stride", stride)
+    in_hw = tuple(x.shape[2:])
+    pads = _windows.normalize_padding(op, padding, in_hw, window, stride)
+    if pad_at_most_half_window:
+        for k, (lo, hi) in zip(window, pads):
+            if max(lo, hi) > k // 2:
+                # Beyond half a window, some window can lie entirely in the padding: its max
+                # would be -inf and its gradient would vanish into the padding.
+                raise ValueError(
+                    f"{op}: `padding` {pads} must be at most half the window {window} on "
+                    f"each side (x {tuple(x.shape)})."
+                )
+    out_hw = _windows.output_size(op, x.shape, in_hw, window, stride, pads, "window")
+    return (window, stride, pads, in_hw, out_hw)
+
+
+def _offsets(window):
+    kh, kw = window
+    return [(a, b) for a in range(kh) for b in range(kw)]  # row-major: index = a·kw + b
+
+
+def _index_dtype(window):
+    n = window[0] * window[1]
+    return jnp.int8 if n <= 127 else (jnp.int16 if n <= 32767 else jnp.int32)
+
+
+def _padded_hw(pads, in_hw):
+    return tuple(h + lo + hi for h, (lo, hi) in zip(in_hw, pads))
+
+
+# --- max pooling ---------------------------------------------------------------------------
+
+
+def _max_with_argmax(x, config):
+    """Running strict-`>` maximum over the k² strided slices: the max and its window index.
+
+    Strict `>` keeps the first maximum on ties (row-major within the window), as PyTorch does.
+    """
+    window, stride, pads, _, out_hw = config
+    xp = _windows.pad_spatial(x, pads, -jnp.inf)
+    best, index = None, None
+    for k, (a, b) in enumerate(_offsets(window)):
+        candidate = _windows.window_slice(xp, a, b, out_hw, stride)
+        if best is None:
+            best, index = candidate, jnp.zeros(candidate.shape, _index_dtype(window))
+            continue
+        take = candidate > best
+        best = jnp.where(take, candidate, best)
+        index = jnp.where(take, jnp.asarray(k, index.dtype), index)
+    return best, index
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool2d(x, config):
+    return _max_with_argmax(x, config)[0]
+
+
+def _max_pool2d_fwd(x, config):
+    out, index = _max_with_argmax(x, config)
+    # Residual: the argmax index only (int8 for windows up to 127 entries), not the input.
+    return out, (index, jnp.zeros((0,), x.dtype))
+
+
+def _max_pool2d_bwd(config, residuals, g):
+    index, dtype_witness = residuals
+    window, stride, pads, in_hw, _ = config
+    padded_hw = _padded_hw(pads, in_hw)
+    dxp = None
+    for k, (a, b) in enumerate(_offsets(window)):
+        routed = jnp.where(index == k, g, jnp.zeros_like(g))  # the gradient goes to the max id
+        piece = _windows.window_place(routed, a, b, padded_hw, stride)
+        dxp = piece if dxp is None else dxp + piece  # overlapping windows accumulate
+    return (_windows.crop_spatial(dxp, pads, in_hw).astype(dtype_witness.dtype),)
+
+
+_max_pool2d.defvjp(_max_pool2d_fwd, _max_pool2d_bwd)
+
+
+def max_pool2d(x, window, stride=None, padding=0):
+    r"""2-D max pooling, NCHW; padding is −∞ padding.
+
+    Forward keeps, for every output, the index of its window's maximum (first maximum in
+    row-major order on ties, like PyTorch). Backward routes each output gradient to that one
+    input and zero elsewhere, accumulating where windows overlap:
+
+    .. math:: dx_{p} = \sum_{\text{windows } W \ni p} g_W \,[p = \operatorname{argmax}_W x]
+
+    Args:
+      x: ``(N, C, H, W)``.
+      window: int or (kh, kw).
+      stride: int or (sh, sw); defaults to ``window``.
+      padding: int, (ph, pw), ((top, bottom), (left, right)), "VALID" or "SAME"; at most half
+        the window on each side (so no window is all padding).
+
+    Returns:
+      ``(N, C, Ho, Wo)``.
+
+    Derivation: docs/derivations.md §5.1.
+    """
+    x = jnp.asarray(x)
+    config = pool_config("max_pool2d", x, window, stride, padding, pad_at_most_half_window=True)
+    return _max_pool2d(x, config)
+
+
+# --- mean pooling --------------------------------------------------------------------------
+
+
+def _window_sum(x, config):
+    window, stride, pads, _, out_hw = config
+    xp = _windows.pad_spatial(x, pads, 0)
+    total = None
+    for a, b in _offsets(window):
+        piece = _windows.window_slice(xp, a, b, out_hw, stride)
+        total = piece if total is None else total + piece
+    return total
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _avg_pool2d(x, config):
+    window = config[0]
+    return (_window_sum(x, config) / (window[0] * window[1])).astype(x.dtype)
+
+
+def _avg_pool2d_fwd(x, config):
+    # Nothing about x is needed: the backward depends on shapes only. A zero-size witness
+    # carries the dtype.
+    return _avg_pool2d(x, config), jnp.zeros((0,), x.dtype)
+
+
+def _avg_pool2d_bwd(config, dtype_witness, g):
+    window, stride, pads, in_hw, _ = config
+    share = g / (window[0] * window[1])  # each of the n inputs gets 1/n — not n copies of g
+    padded_hw = _padded_hw(pads, in_hw)
+    dxp = None
+    for a, b in _offsets(window):
+        piece = _windows.window_place(share, a, b, padded_hw, stride)
+        dxp = piece if dxp is None else dxp + piece
+    return (_windows.crop_spatial(dxp, pads, in_hw).astype(dtype_witness.dtype),)
+
+
+_avg_pool2d.defvjp(_avg_pool2d_fwd, _avg_pool2d_bwd)
+
+
+def avg_pool2d(x, window, stride=None, padding=0):
+    r"""2-D mean pooling, NCHW, zero padding counted in the mean.
+
+    Padding follows PyTorch's default ``count_include_pad=True``: every window divides by
+    ``n = kh·kw``, padded zeros included. Backward: every input of a window receives
+    :math:`g/n` of that window's gradient (accumulated over overlapping windows).
+
+    Args:
+      x: ``(N, C, H, W)``.
+      window: int or (kh, kw).
+      stride: int or (sh, sw); defaults to ``window``.
+      padding: int, (ph, pw), ((top, bottom), (left, right)), "VALID" or "SAME" (zeros).
+
+    Returns:
+      ``(N, C, Ho, Wo)``.
+
+    Derivation: docs/derivations.md §5.2.
+    """
+    x = jnp.asarray(x)
+    config = pool_config("avg_pool2d", x, window, stride, padding)
+    return _avg_pool2d(x, config)
