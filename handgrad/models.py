@@ -1,0 +1,168 @@
+"""Models as plain functions over parameter pytrees, written once against an ops namespace.
+
+``mlp(params, x, ops=hg)`` runs the hand-written VJPs; ``mlp(params, x, ops=hg.reference)`` is
+the same model differentiated by autodiff. Nothing else differs, so comparing the two isolates
+the hand-written backward passes.
+
+Parameters are dicts of arrays; weights are ``(out, in)`` for dense and ``(O, C, kh, kw)`` for
+convolutions, as in the ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+
+import handgrad
+
+# He init for layers followed by ReLU, Glorot for the rest; in/out axes as the ops lay them out.
+_HE = jax.nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal", in_axis=1,
+                                           out_axis=0)
+_GLOROT = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "truncated_normal", in_axis=1,
+                                               out_axis=0)
+
+
+def _init_weight(key, shape, activation, dtype):
+    init = _HE if activation in ("relu", "leaky_relu") else _GLOROT
+    return init(key, shape, dtype)
+
+
+def dense_params(key, n_in: int, n_out: int, activation: str = "relu", dtype=jnp.float32):
+    return {"w": _init_weight(key, (n_out, n_in), activation, dtype),
+            "b": jnp.zeros((n_out,), dtype)}
+
+
+def conv_params(key, c_in: int, c_out: int, kernel: int, activation="relu", dtype=jnp.float32):
+    return {"w": _init_weight(key, (c_out, c_in, kernel, kernel), activation, dtype),
+            "b": jnp.zeros((c_out,), dtype)}
+
+
+# --- MLP -----------------------------------------------------------------------------------
+
+
+def init_mlp(key, sizes: Sequence[int], activation: str = "relu", dtype=jnp.float32):
+    """Parameters of an MLP with layer sizes ``sizes = (n_in, h1, …, n_out)``."""
+    keys = jax.random.split(key, len(sizes) - 1)
+    last = len(sizes) - 2
+    return {"layers": [
+        dense_params(k, n_in, n_out, activation if i < last else "linear", dtype)
+        for i, (k, n_in, n_out) in enumerate(zip(keys, sizes[:-1], sizes[1:]))
+    ]}
+
+
+def mlp(params, x, *, ops: ModuleType = handgrad, activation: str = "relu"):
+    """Logits of an MLP: ``dense → g → … → dense``. ``x`` is ``(m, n_in)`` or images (flattened)."""
+    g = getattr(ops, activation)
+    a = ops.flatten(x) if x.ndim > 2 else x
+    *hidden, last = params["layers"]
+    for layer in hidden:
+        a = g(ops.dense(a, layer["w"], layer["b"]))
+    return ops.dense(a, last["w"], last["b"])
+
+
+# --- a small CNN for 8×8 digits -------------------------------------------------------------
+
+
+def init_cnn(key, in_channels: int = 1, num_classes: int = 10, image_size: int = 8,
+             dtype=jnp.float32):
+    """conv3×3(16) → relu → maxpool2 → conv3×3(32) → relu → maxpool2 → dense(64) → dense."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    spatial = image_size // 4
+    return {
+        "conv1": conv_params(k1, in_channels, 16, 3, dtype=dtype),
+        "conv2": conv_params(k2, 16, 32, 3, dtype=dtype),
+        "fc1": dense_params(k3, 32 * spatial * spatial, 64, dtype=dtype),
+        "fc2": dense_params(k4, 64, num_classes, "linear", dtype),
+    }
+
+
+def cnn(params, x, *, ops: ModuleType = handgrad):
+    a = ops.max_pool2d(ops.relu(ops.conv2d(x, **params["conv1"], padding=1)), 2)
+    a = ops.max_pool2d(ops.relu(ops.conv2d(a, **params["conv2"], padding=1)), 2)
+    a = ops.relu(ops.dense(ops.flatten(a), **params["fc1"]))
+    return ops.dense(a, **params["fc2"])
+
+
+# --- LeNet-5 for 28×28 ----------------------------------------------------------------------
+
+
+def init_lenet5(key, in_channels: int = 1, num_classes: int = 10, dtype=jnp.float32):
+    """LeNet-5 (ReLU and max pooling, as it is trained today) for 28×28 inputs:
+    conv5×5(6, pad 2) → pool → conv5×5(16) → pool → dense 120 → dense 84 → dense."""
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    return {
+        "conv1": conv_params(k1, in_channels, 6, 5, dtype=dtype),
+        "conv2": conv_params(k2, 6, 16, 5, dtype=dtype),
+        "fc1": dense_params(k3, 16 * 5 * 5, 120, dtype=dtype),
+        "fc2": dense_params(k4, 120, 84, dtype=dtype),
+        "fc3": dense_params(k5, 84, num_classes, "linear", dtype),
+    }
+
+
+def lenet5(params, x, *, ops: ModuleType = handgrad):
+    a = ops.max_pool2d(ops.relu(ops.conv2d(x, **params["conv1"], padding=2)), 2)
+    a = ops.max_pool2d(ops.relu(ops.conv2d(a, **params["conv2"])), 2)
+    a = ops.relu(ops.dense(ops.flatten(a), **params["fc1"]))
+    a = ops.relu(ops.dense(a, **params["fc2"]))
+    return ops.dense(a, **params["fc3"])
+
+
+# --- the table the scripts choose from ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    init: Callable  # (key, image_shape (C, H, W), num_classes, dtype) -> params
+    apply: Callable  # (params, x, *, ops) -> logits
+    description: str
+
+
+def _init_mlp_for(key, image_shape, num_classes, dtype=jnp.float32):
+    n_in = 1
+    for s in image_shape:
+        n_in *= s
+    return init_mlp(key, (n_in, 128, 64, num_classes), dtype=dtype)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec("mlp", _init_mlp_for, mlp, "MLP n_in-128-64-classes, ReLU"),
+    "cnn": ModelSpec(
+        "cnn",
+        lambda key, shape, k, dtype=jnp.float32: init_cnn(key, shape[0], k, shape[1], dtype),
+        cnn,
+        "conv3×3(16)-pool-conv3×3(32)-pool-dense(64)-dense, ReLU, for 8×8 digits",
+    ),
+    "lenet": ModelSpec(
+        "lenet",
+        lambda key, shape, k, dtype=jnp.float32: init_lenet5(key, shape[0], k, dtype),
+        lenet5,
+        "LeNet-5 (ReLU, max pooling) for 28×28 images",
+    ),
+}
+
+
+def classification_loss(apply: Callable, *, ops: ModuleType = handgrad,
+                        compute_dtype=None) -> Callable:
+    """``loss_fn(params, (x, y)) -> (mean softmax cross-entropy, {"accuracy": …})``.
+
+    With ``compute_dtype`` (e.g. ``jnp.bfloat16``) the parameters and inputs are cast for the
+    forward and backward passes while the optimizer keeps float32 master weights: the cast's
+    VJP returns float32 gradients.
+    """
+
+    def loss_fn(params, batch):
+        x, y = batch
+        if compute_dtype is not None:
+            params = jax.tree_util.tree_map(lambda p: p.astype(compute_dtype), params)
+            x = x.astype(compute_dtype)
+        logits = apply(params, x, ops=ops)
+        loss = ops.softmax_cross_entropy(logits, y).astype(jnp.float32)
+        accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == y)
+        return loss, {"accuracy": accuracy}
+
+    return loss_fn
