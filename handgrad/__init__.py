@@ -9,11 +9,15 @@
 from handgrad import reference as reference
 from handgrad.check import CheckResult as CheckResult
 from handgrad.check import check_vjp as check_vjp
+from handgrad.ops import BatchNormStats as BatchNormStats
 from handgrad.ops import avg_pool2d as avg_pool2d
+from handgrad.ops import batch_norm as batch_norm
 from handgrad.ops import binary_cross_entropy as binary_cross_entropy
 from handgrad.ops import conv2d as conv2d
 from handgrad.ops import dense as dense
+from handgrad.ops import dropout as dropout
 from handgrad.ops import flatten as flatten
+from handgrad.ops import layer_norm as layer_norm
 from handgrad.ops import leaky_relu as leaky_relu
 from handgrad.ops import log_softmax as log_softmax
 from handgrad.ops import max_pool2d as max_pool2d
@@ -24,5 +28,7 @@ from handgrad.ops import softmax as softmax
 from handgrad.ops import softmax_cross_entropy as softmax_cross_entropy
 from handgrad.ops import squared_error as squared_error
 from handgrad.ops import tanh as tanh
+from handgrad.second_order import hessian as hessian
+from handgrad.second_order import hvp as hvp
 
 __version__ = "0.1.0"

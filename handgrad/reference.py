@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.scipy.special import xlog1py, xlogy
 
 from handgrad import _checks
-from handgrad.ops import _activations, _conv, _dense, _pooling
+from handgrad.ops import _activations, _conv, _dense, _norm, _pooling
 
 
 def dense(x, w, b=None):
@@ -131,3 +131,52 @@ def avg_pool2d(x, window, stride=None, padding=0):
     x = jnp.asarray(x)
     window, stride, pads, _, _ = _pooling.pool_config("avg_pool2d", x, window, stride, padding)
     return _reduce_window(x, 0.0, jax.lax.add, window, stride, pads) / (window[0] * window[1])
+
+
+def batch_norm(x, gamma, beta, *, axis=1, eps=1e-5, momentum=0.1, running_mean=None,
+               running_var=None, training=True):
+    x, gamma, beta = jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)
+    axis = _norm._check_norm_args("batch_norm", x, gamma, beta, axis)
+    shape = tuple(x.shape[axis] if i == axis else 1 for i in range(x.ndim))
+    reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
+    stat_dtype = _activations.accumulation_dtype(x.dtype)
+    features = x.shape[axis]
+    mean = jnp.zeros((features,), stat_dtype) if running_mean is None else running_mean
+    var = jnp.ones((features,), stat_dtype) if running_var is None else running_var
+    xf = _acc(x)
+    if training:
+        mu = jnp.mean(xf, axis=reduce_axes, keepdims=True)
+        sigma2 = jnp.mean((xf - mu) ** 2, axis=reduce_axes, keepdims=True)
+    else:
+        mu, sigma2 = mean.reshape(shape), var.reshape(shape)
+    y = gamma.reshape(shape) * (xf - mu) / jnp.sqrt(sigma2 + eps) + beta.reshape(shape)
+    stats = _norm.BatchNormStats(mean, var)
+    if training:
+        m = x.size // features
+        xs = jax.lax.stop_gradient(xf)
+        stats = _norm.BatchNormStats(
+            (1 - momentum) * mean + momentum * jnp.mean(xs, axis=reduce_axes),
+            (1 - momentum) * var + momentum * jnp.var(xs, axis=reduce_axes) * m / max(m - 1, 1),
+        )
+    return y.astype(x.dtype), stats
+
+
+def layer_norm(x, gamma, beta, eps=1e-5):
+    x, gamma, beta = jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)
+    _norm._check_norm_args("layer_norm", x, gamma, beta, -1, "x.shape[-1]")
+    xf = _acc(x)
+    mu = jnp.mean(xf, axis=-1, keepdims=True)
+    sigma2 = jnp.mean((xf - mu) ** 2, axis=-1, keepdims=True)
+    lead = (1,) * (x.ndim - 1)
+    y = gamma.reshape(lead + gamma.shape) * (xf - mu) / jnp.sqrt(sigma2 + eps)
+    return (y + beta.reshape(lead + beta.shape)).astype(x.dtype)
+
+
+def dropout(x, rate, key, *, training=True):
+    x = jnp.asarray(x)
+    if not training:
+        return x
+    rate = jnp.asarray(rate)
+    keep = jax.random.bernoulli(key, 1 - rate.astype(jnp.float32), x.shape)
+    scale = 1 / (1 - rate.astype(jnp.promote_types(x.dtype, jnp.float32)))
+    return jnp.where(keep, x * scale, 0).astype(x.dtype)

@@ -497,3 +497,124 @@ register(OpSpec(
     formula="dx[every input of a window] += g / (kh·kw)",
     bad_inputs=_pool_bad_inputs("avg_pool2d"),
 ))
+
+
+# --- normalization and dropout ----------------------------------------------------------------
+
+
+def _batch_norm_output(op):
+    """The registry checks the normalized output; the running statistics are buffers."""
+
+    def output(x, gamma, beta, **kwargs):
+        return op(x, gamma, beta, **kwargs)[0]
+
+    output.__name__ = output.__qualname__ = "batch_norm"
+    output.__doc__ = op.__doc__
+    return output
+
+
+def _norm_case(x_shape, axis, **kwargs):
+    def make(key, dtype):
+        kx, kg, kb = _keys(key, 3)
+        f = x_shape[axis]
+        return (normal(kx, x_shape, dtype, 2.0) + 0.5, 1 + normal(kg, (f,), dtype, 0.3),
+                normal(kb, (f,), dtype))
+
+    config = "".join(f"-{k}={v}" for k, v in kwargs.items() if not hasattr(v, "shape"))
+    return Case(f"x{x_shape}{config}".replace(" ", ""), make, kwargs)
+
+
+def _eval_stats(features):
+    k1, k2 = _keys(jax.random.PRNGKey(7), 2)
+    return {"running_mean": normal(k1, (features,), jnp.float64),
+            "running_var": 0.5 + jax.random.uniform(k2, (features,), jnp.float64)}
+
+
+register(OpSpec(
+    name="batch_norm",
+    family="norm",
+    op=_batch_norm_output(ops.batch_norm),
+    reference=_batch_norm_output(reference.batch_norm),
+    argnames=("x", "gamma", "beta"),
+    cases=(
+        _norm_case((8, 5), 1),
+        _norm_case((2, 3, 4, 5), 1),  # NCHW: statistics over N, H, W
+        _norm_case((1, 4, 3, 3), 1),  # batch 1: statistics over H, W only
+        _norm_case((6, 3), 1, eps=1e-3),
+        _norm_case((5, 4), 1, training=False, **_eval_stats(4)),
+    ),
+    random_case=lambda draw: _norm_case(
+        (draw(2, 6), draw(1, 5)) if draw(0, 1) else (draw(1, 3), draw(1, 4), draw(1, 4),
+                                                     draw(1, 4)), 1),
+    derivation="§8.1",
+    formula="dx = (γ/mσ)(m·g − Σg − x̂·Σg·x̂);  dγ = Σ g·x̂;  dβ = Σ g",
+    bad_inputs=(
+        BadInput("gamma-shape", lambda: (_zeros(4, 3), _zeros(4), _zeros(3)), ValueError,
+                 r"batch_norm: `gamma` must have shape \(x.shape\[axis\],\) = \(3,\) for x "
+                 r"\(4, 3\), got \(4,\)"),
+        BadInput("rank1", lambda: (_zeros(4), _zeros(4), _zeros(4)), ValueError,
+                 r"batch_norm: `x` must have rank >= 2"),
+        BadInput("running-shape", lambda: (_zeros(4, 3), _zeros(3), _zeros(3)), ValueError,
+                 r"batch_norm: `running_mean` must have shape \(3,\), got \(2,\)",
+                 {"running_mean": _zeros(2)}),
+    ),
+))
+
+
+def _layer_norm_case(x_shape):
+    def make(key, dtype):
+        kx, kg, kb = _keys(key, 3)
+        f = x_shape[-1]
+        return (normal(kx, x_shape, dtype, 2.0), 1 + normal(kg, (f,), dtype, 0.3),
+                normal(kb, (f,), dtype))
+
+    return Case(f"x{x_shape}".replace(" ", ""), make)
+
+
+register(OpSpec(
+    name="layer_norm",
+    family="norm",
+    op=ops.layer_norm,
+    reference=reference.layer_norm,
+    argnames=("x", "gamma", "beta"),
+    cases=(_layer_norm_case((4, 6)), _layer_norm_case((1, 3)), _layer_norm_case((2, 3, 5))),
+    random_case=lambda draw: _layer_norm_case(
+        (*tuple(draw(1, 4) for _ in range(draw(1, 2))), draw(2, 7))),
+    derivation="§8.2",
+    formula="ĝ = γ⊙g;  dx = (1/Fσ)(F·ĝ − Σĝ − x̂·Σĝ·x̂);  dγ = Σ g·x̂;  dβ = Σ g",
+    bad_inputs=(
+        BadInput("beta-shape", lambda: (_zeros(4, 3), _zeros(3), _zeros(4)), ValueError,
+                 r"layer_norm: `beta` must have shape \(x.shape\[-1\],\) = \(3,\)"),
+        BadInput("int", lambda: (jnp.zeros((4, 3), jnp.int32), _zeros(3), _zeros(3)),
+                 TypeError, r"layer_norm: `x` must have a floating dtype, got int32"),
+    ),
+))
+
+
+def _dropout_case(shape, rate, seed):
+    return Case(f"x{shape}-rate={rate}".replace(" ", ""),
+                lambda key, dtype: (normal(key, shape, dtype),),
+                {"rate": rate, "key": jax.random.PRNGKey(seed)})
+
+
+register(OpSpec(
+    name="dropout",
+    family="dropout",
+    op=ops.dropout,
+    reference=reference.dropout,
+    argnames=("x",),
+    cases=(_dropout_case((6, 7), 0.3, 1), _dropout_case((2, 3, 4, 4), 0.5, 2),
+           _dropout_case((1, 5), 0.0, 3), _dropout_case((3, 4), 0.9, 4)),
+    random_case=lambda draw: _dropout_case((draw(1, 6), draw(1, 6)), draw(0, 9) / 10,
+                                           draw(0, 1000)),
+    derivation="§8.3",
+    formula="dx = g ⊙ M/(1 − p), the mask M drawn again from the key",
+    bad_inputs=(
+        BadInput("rate", lambda: (_zeros(4, 3),), ValueError,
+                 r"dropout: `rate` must be in \[0, 1\], got 1.5",
+                 {"rate": 1.5, "key": jax.random.PRNGKey(0)}),
+        BadInput("int", lambda: (jnp.zeros((4, 3), jnp.int32),), TypeError,
+                 r"dropout: `x` must have a floating dtype, got int32",
+                 {"rate": 0.5, "key": jax.random.PRNGKey(0)}),
+    ),
+))

@@ -1,7 +1,7 @@
 """The ops: each a ``jax.custom_vjp`` whose backward is the textbook formula, written out.
 
 One module per family: `_dense`, `_activations`, `_losses`, `_conv`,
-`_pooling`, `_norm`.
+`_pooling`, `_norm`, `_dropout`.
 """
 
 from handgrad.ops._activations import leaky_relu as leaky_relu
@@ -13,10 +13,14 @@ from handgrad.ops._activations import tanh as tanh
 from handgrad.ops._conv import conv2d as conv2d
 from handgrad.ops._dense import dense as dense
 from handgrad.ops._dense import flatten as flatten
+from handgrad.ops._dropout import dropout as dropout
 from handgrad.ops._losses import binary_cross_entropy as binary_cross_entropy
 from handgrad.ops._losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from handgrad.ops._losses import softmax_cross_entropy as softmax_cross_entropy
 from handgrad.ops._losses import squared_error as squared_error
+from handgrad.ops._norm import BatchNormStats as BatchNormStats
+from handgrad.ops._norm import batch_norm as batch_norm
+from handgrad.ops._norm import layer_norm as layer_norm
 from handgrad.ops._pooling import avg_pool2d as avg_pool2d
 from handgrad.ops._pooling import max_pool2d as max_pool2d
 
@@ -36,4 +40,7 @@ OP_NAMES = (
     "conv2d",
     "max_pool2d",
     "avg_pool2d",
+    "batch_norm",
+    "layer_norm",
+    "dropout",
 )
