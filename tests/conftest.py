@@ -6,7 +6,15 @@ silently wrong gradient (a ``db`` of the wrong rank, say), as equinox's tests do
 
 import os
 
-import jax
+# The suite compiles hundreds of small XLA programs and runs each once or twice: LLVM's
+# optimizations cost more time than they save here (about 2× on the op checks). Results do
+# not depend on it; benchmarks never run under this flag.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
+
+import jax  # noqa: E402
 import pytest
 
 jax.config.update("jax_enable_x64", True)
