@@ -111,6 +111,55 @@ def lenet5(params, x, *, ops: ModuleType = handgrad):
     return ops.dense(a, **params["fc3"])
 
 
+# --- a CNN with batch norm and dropout (stateful) -------------------------------------------
+
+
+def init_cnn_bn(key, in_channels: int = 1, num_classes: int = 10, image_size: int = 8,
+                dtype=jnp.float32):
+    """conv3×3(16) → BN → relu → pool → conv3×3(32) → BN → relu → pool → dense(64) → relu →
+    dropout → dense. The convolutions have no bias: batch norm's β takes its place."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    spatial = image_size // 4
+    return {
+        "conv1": {"w": conv_params(k1, in_channels, 16, 3, dtype=dtype)["w"]},
+        "bn1": {"gamma": jnp.ones((16,), dtype), "beta": jnp.zeros((16,), dtype)},
+        "conv2": {"w": conv_params(k2, 16, 32, 3, dtype=dtype)["w"]},
+        "bn2": {"gamma": jnp.ones((32,), dtype), "beta": jnp.zeros((32,), dtype)},
+        "fc1": dense_params(k3, 32 * spatial * spatial, 64, dtype=dtype),
+        "fc2": dense_params(k4, 64, num_classes, "linear", dtype),
+    }
+
+
+def init_cnn_bn_state(params, key):
+    """Running statistics (mean 0, variance 1, as PyTorch) and the dropout key."""
+    stats = {name: handgrad.BatchNormStats(jnp.zeros_like(params[name]["gamma"], jnp.float32),
+                                           jnp.ones_like(params[name]["gamma"], jnp.float32))
+             for name in ("bn1", "bn2")}
+    return {"bn": stats, "key": key}
+
+
+def cnn_bn(params, x, *, ops: ModuleType = handgrad, state, training: bool,
+           dropout_rate: float = 0.25):
+    """Logits and the new state. Training: batch statistics, dropout on, a fresh key per
+    call; evaluation: running statistics, no dropout, state unchanged."""
+    key, next_key = jax.random.split(state["key"])
+    new_stats = {}
+    a = x
+    for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+        stats = state["bn"][bn]
+        a, new_stats[bn] = ops.batch_norm(
+            ops.conv2d(a, params[conv]["w"], padding=1), params[bn]["gamma"],
+            params[bn]["beta"], running_mean=stats.mean, running_var=stats.var,
+            training=training)
+        a = ops.max_pool2d(ops.relu(a), 2)
+    a = ops.relu(ops.dense(ops.flatten(a), **params["fc1"]))
+    a = ops.dropout(a, dropout_rate, key, training=training)
+    logits = ops.dense(a, **params["fc2"])
+    if not training:
+        return logits, state
+    return logits, {"bn": new_stats, "key": next_key}
+
+
 # --- the table the scripts choose from ------------------------------------------------------
 
 
@@ -118,8 +167,13 @@ def lenet5(params, x, *, ops: ModuleType = handgrad):
 class ModelSpec:
     name: str
     init: Callable  # (key, image_shape (C, H, W), num_classes, dtype) -> params
-    apply: Callable  # (params, x, *, ops) -> logits
+    apply: Callable  # (params, x, *, ops) -> logits; stateful: (…, state, training) -> (…)
     description: str
+    init_state: Callable | None = None  # (params, key) -> state, for stateful models
+
+    @property
+    def stateful(self) -> bool:
+        return self.init_state is not None
 
 
 def _init_mlp_for(key, image_shape, num_classes, dtype=jnp.float32):
@@ -143,26 +197,40 @@ MODELS: dict[str, ModelSpec] = {
         lenet5,
         "LeNet-5 (ReLU, max pooling) for 28×28 images",
     ),
+    "cnn-bn": ModelSpec(
+        "cnn-bn",
+        lambda key, shape, k, dtype=jnp.float32: init_cnn_bn(key, shape[0], k, shape[1], dtype),
+        cnn_bn,
+        "conv-BN-relu-pool ×2, dense(64), dropout 0.25, dense — batch norm and dropout",
+        init_state=init_cnn_bn_state,
+    ),
 }
 
 
 def classification_loss(apply: Callable, *, ops: ModuleType = handgrad,
-                        compute_dtype=None) -> Callable:
+                        compute_dtype=None, stateful: bool = False,
+                        training: bool = True) -> Callable:
     """``loss_fn(params, (x, y)) -> (mean softmax cross-entropy, {"accuracy": …})``.
 
     With ``compute_dtype`` (e.g. ``jnp.bfloat16``) the parameters and inputs are cast for the
     forward and backward passes while the optimizer keeps float32 master weights: the cast's
     VJP returns float32 gradients.
+
+    With ``stateful`` (models such as ``cnn_bn``): ``loss_fn(params, (x, y), state) ->
+    (loss, ({"accuracy": …}, new_state))``, in training or evaluation mode (``training``).
     """
 
-    def loss_fn(params, batch):
+    def forward(params, batch, *state):
         x, y = batch
         if compute_dtype is not None:
             params = jax.tree_util.tree_map(lambda p: p.astype(compute_dtype), params)
             x = x.astype(compute_dtype)
-        logits = apply(params, x, ops=ops)
+        if stateful:
+            logits, new_state = apply(params, x, ops=ops, state=state[0], training=training)
+        else:
+            logits, new_state = apply(params, x, ops=ops), None
         loss = ops.softmax_cross_entropy(logits, y).astype(jnp.float32)
-        accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == y)
-        return loss, {"accuracy": accuracy}
+        metrics = {"accuracy": jnp.mean(jnp.argmax(logits, axis=-1) == y)}
+        return loss, ((metrics, new_state) if stateful else metrics)
 
-    return loss_fn
+    return forward

@@ -66,47 +66,66 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                    mesh: Mesh | None = None, donate: bool = True) -> Callable:
+                    mesh: Mesh | None = None, donate: bool = True,
+                    stateful: bool = False) -> Callable:
     """A jit-compiled ``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
     Args:
-      loss_fn: ``loss_fn(params, batch) -> (loss, aux_metrics_dict)``.
+      loss_fn: ``loss_fn(params, batch) -> (loss, aux_metrics_dict)``; with ``stateful``,
+        ``loss_fn(params, batch, state) -> (loss, (aux_metrics_dict, new_state))`` for
+        models that carry non-trained state (batch-norm statistics, a dropout key).
       optimizer: any optax ``GradientTransformation``.
       mesh: data-parallel over this mesh (batch split, params replicated); None: one device.
       donate: donate the params and optimizer-state buffers to the step (updated in place).
+      stateful: the step is ``step(params, opt_state, batch, state) -> (params, opt_state,
+        metrics, state)``.
 
     Returns:
       the compiled step; ``metrics`` holds ``loss`` and the aux metrics.
     """
 
-    def step(params, opt_state, batch):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    def step(params, opt_state, batch, *state):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, *state)
+        if stateful:
+            aux, new_state = aux
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss, **aux}
+        out = (optax.apply_updates(params, updates), opt_state, {"loss": loss, **aux})
+        return (*out, new_state) if stateful else out
 
-    donate_argnums = (0, 1) if donate else ()
+    donate_argnums = ((0, 1, 3) if stateful else (0, 1)) if donate else ()
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(BATCH_AXIS))
+    extra = (replicated,) if stateful else ()
     return jax.jit(step, donate_argnums=donate_argnums,
-                   in_shardings=(replicated, replicated, split),
-                   out_shardings=(replicated, replicated, replicated))
+                   in_shardings=(replicated, replicated, split, *extra),
+                   out_shardings=(replicated, replicated, replicated, *extra))
 
 
-def make_eval_step(loss_fn: Callable) -> Callable:
-    return jax.jit(lambda params, batch: loss_fn(params, batch))
+def make_eval_step(loss_fn: Callable, stateful: bool = False) -> Callable:
+    """``eval_step(params, batch[, state]) -> (loss, aux)``; a stateful loss's new state is
+    dropped (evaluation changes nothing)."""
+    if not stateful:
+        return jax.jit(loss_fn)
+
+    def eval_step(params, batch, state):
+        loss, (aux, _) = loss_fn(params, batch, state)
+        return loss, aux
+
+    return jax.jit(eval_step)
 
 
 def evaluate(eval_step: Callable, params, x, y, batch_size: int = 512,
-             mesh: Mesh | None = None) -> dict[str, float]:
+             mesh: Mesh | None = None, state=None) -> dict[str, float]:
     """Loss and metrics over the whole set, weighted by batch size (the last batch may be
-    smaller)."""
+    smaller). ``state``: the model state of a stateful eval step."""
     totals: dict[str, float] = {}
+    extra = () if state is None else (state,)
     for start in range(0, len(x), batch_size):
         batch = (x[start:start + batch_size], y[start:start + batch_size])
         if mesh is not None:
             batch = replicate(batch, mesh)
-        loss, aux = eval_step(params, batch)
+        loss, aux = eval_step(params, batch, *extra)
         weight = len(batch[0])
         for name, value in {"loss": loss, **aux}.items():
             totals[name] = totals.get(name, 0.0) + float(value) * weight
@@ -183,7 +202,8 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
         epochs: int, batch_size: int, seed: int = 0, mesh: Mesh | None = None,
         checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
         progress: bool = True, log: Callable[[str], None] | None = None,
-        stop_after_epoch: int | None = None):
+        stop_after_epoch: int | None = None, state=None,
+        eval_loss_fn: Callable | None = None):
     """Train ``params`` on ``data`` (x_train, y_train, x_test, y_test) for ``epochs`` epochs.
 
     The shuffle of epoch ``e`` depends only on ``(seed, e)`` and the step is deterministic, so
@@ -193,20 +213,26 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
 
     Args:
       stop_after_epoch: end early after this epoch (simulates an interruption in tests).
+      state: the initial model state of a stateful model (batch-norm statistics, dropout
+        key); then ``loss_fn`` is stateful (see :func:`make_train_step`) and
+        ``eval_loss_fn`` (the same loss in evaluation mode) is required.
 
     Returns:
-      ``(params, opt_state, history)``; ``history.epochs`` holds per-epoch train/test loss
-      and accuracy and the epoch's wall time.
+      ``(params, opt_state, history)``, and the final model state as a fourth element when
+      ``state`` was given; ``history.epochs`` holds per-epoch train/test loss and accuracy
+      and the epoch's wall time.
     """
     from handgrad import data as data_lib
 
+    stateful = state is not None
+    if stateful and eval_loss_fn is None:
+        raise ValueError("fit: a stateful model needs `eval_loss_fn` (its evaluation mode)")
     opt_state = optimizer.init(params)
     start_epoch, history = 0, History()
     if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
-        state = load_checkpoint(checkpoint_path, {"params": params, "opt_state": opt_state,
-                                                  "epoch": np.int64(0)})
-        params, opt_state = state["params"], state["opt_state"]
-        start_epoch = int(state["epoch"])
+        saved = load_checkpoint(checkpoint_path, _checkpoint(params, opt_state, state, 0))
+        params, opt_state, state = saved["params"], saved["opt_state"], saved.get("state")
+        start_epoch = int(saved["epoch"])
         history_file = Path(checkpoint_path).with_suffix(".history.json")
         if history_file.is_file():
             history.epochs = json.loads(history_file.read_text())[:start_epoch]
@@ -214,8 +240,9 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
             log(f"resumed from {checkpoint_path} after epoch {start_epoch}")
     if mesh is not None:
         params, opt_state = replicate(params, mesh), replicate(opt_state, mesh)
-    step = make_train_step(loss_fn, optimizer, mesh=mesh)
-    eval_step = make_eval_step(loss_fn)
+        state = replicate(state, mesh) if stateful else None
+    step = make_train_step(loss_fn, optimizer, mesh=mesh, stateful=stateful)
+    eval_step = make_eval_step(eval_loss_fn or loss_fn, stateful=stateful)
     steps_per_epoch = data_lib.num_batches(len(data.x_train), batch_size, drop_remainder=True)
     if steps_per_epoch == 0:
         raise ValueError(
@@ -231,7 +258,10 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
         bar = _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
         for i, batch in enumerate(bar):
             batch = shard_batch(batch, mesh) if mesh is not None else batch
-            params, opt_state, metrics = step(params, opt_state, batch)
+            if stateful:
+                params, opt_state, metrics, state = step(params, opt_state, batch, state)
+            else:
+                params, opt_state, metrics = step(params, opt_state, batch)
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
@@ -242,7 +272,7 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
                 sums[name] = sums.get(name, 0.0) + float(value)
             if progress and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{float(metrics['accuracy']):.3f}")
-        test = evaluate(eval_step, params, data.x_test, data.y_test, mesh=mesh)
+        test = evaluate(eval_step, params, data.x_test, data.y_test, mesh=mesh, state=state)
         record = {
             "epoch": epoch + 1,
             "train_loss": sums["loss"] / steps_per_epoch,
@@ -257,12 +287,18 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
                 f"acc {record['train_accuracy']:.4f} | test loss {record['test_loss']:.4f} "
                 f"acc {record['test_accuracy']:.4f} | {record['seconds']:.1f}s")
         if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, {"params": params, "opt_state": opt_state,
-                                              "epoch": np.int64(epoch + 1)})
+            save_checkpoint(checkpoint_path, _checkpoint(params, opt_state, state, epoch + 1))
             Path(checkpoint_path).with_suffix(".history.json").write_text(history.to_json())
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
-    return params, opt_state, history
+    return (params, opt_state, history, state) if stateful else (params, opt_state, history)
+
+
+def _checkpoint(params, opt_state, state, epoch: int) -> dict:
+    saved = {"params": params, "opt_state": opt_state, "epoch": np.int64(epoch)}
+    if state is not None:
+        saved["state"] = state
+    return saved
 
 
 def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:

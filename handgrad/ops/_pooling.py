@@ -61,6 +61,8 @@ def _max_with_argmax(x, config):
     """Running strict-`>` maximum over the k² strided slices: the max and its window index.
 
     Strict `>` keeps the first maximum on ties (row-major within the window), as PyTorch does.
+    A NaN wins over any number (like XLA's max and PyTorch): the first NaN of a window is its
+    max id, so a NaN never disappears silently.
     """
     window, stride, pads, _, out_hw = config
     xp = _windows.pad_spatial(x, pads, -jnp.inf)
@@ -70,7 +72,7 @@ def _max_with_argmax(x, config):
         if best is None:
             best, index = candidate, jnp.zeros(candidate.shape, _index_dtype(window))
             continue
-        take = candidate > best
+        take = (candidate > best) | (jnp.isnan(candidate) & ~jnp.isnan(best))
         best = jnp.where(take, candidate, best)
         index = jnp.where(take, jnp.asarray(k, index.dtype), index)
     return best, index
