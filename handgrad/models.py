@@ -229,7 +229,8 @@ def classification_loss(apply: Callable, *, ops: ModuleType = handgrad,
             logits, new_state = apply(params, x, ops=ops, state=state[0], training=training)
         else:
             logits, new_state = apply(params, x, ops=ops), None
-        loss = ops.softmax_cross_entropy(logits, y).astype(jnp.float32)
+        loss = ops.softmax_cross_entropy(logits, y)
+        loss = loss.astype(jnp.promote_types(loss.dtype, jnp.float32))  # bf16 -> f32; f64 stays
         metrics = {"accuracy": jnp.mean(jnp.argmax(logits, axis=-1) == y)}
         return loss, ((metrics, new_state) if stateful else metrics)
 

@@ -144,9 +144,14 @@ def save_checkpoint(path: str | os.PathLike, state) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     leaves, treedef = jax.tree_util.tree_flatten(state)
-    arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    leaves = [np.asarray(leaf) for leaf in leaves]
+    # .npz cannot name bfloat16 (it would store raw void bytes): keep each leaf's dtype name
+    # and store the bits of such leaves as unsigned integers of the same width.
+    dtypes = np.array([leaf.dtype.name for leaf in leaves])
+    arrays = {f"leaf_{i:05d}": leaf if leaf.dtype.isbuiltin else leaf.view(f"u{leaf.itemsize}")
+              for i, leaf in enumerate(leaves)}
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, __structure__=np.array(str(treedef)), **arrays)
+    np.savez(tmp, __structure__=np.array(str(treedef)), __dtypes__=dtypes, **arrays)
     os.replace(tmp, path)
     return path
 
@@ -168,7 +173,10 @@ def load_checkpoint(path: str | os.PathLike, like):
                 f"checkpoint {path} has another structure than the model/optimizer state: "
                 f"stored {stored[:200]}…, expected {str(treedef)[:200]}…"
             )
+        names = [str(n) for n in data["__dtypes__"]]
         loaded = [data[f"leaf_{i:05d}"] for i in range(len(leaves))]
+        loaded = [leaf if leaf.dtype.name == name else leaf.view(jnp.dtype(name))
+                  for leaf, name in zip(loaded, names)]
     for i, (want, got) in enumerate(zip(leaves, loaded)):
         want = np.asarray(want)
         if want.shape != got.shape or want.dtype != got.dtype:
@@ -224,6 +232,8 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
     """
     from handgrad import data as data_lib
 
+    # The step donates its inputs; train on copies so the caller's arrays stay usable.
+    params = jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params)
     stateful = state is not None
     if stateful and eval_loss_fn is None:
         raise ValueError("fit: a stateful model needs `eval_loss_fn` (its evaluation mode)")
