@@ -93,11 +93,15 @@ def _compare(what, got, want, tol) -> Comparison:
         )
     if got.size == 0:
         return Comparison(what, 0.0, 0.0, None, tol, True)
-    diff = np.abs(got - want)
-    diff = np.where(np.isnan(got) != np.isnan(want), np.inf, np.nan_to_num(diff, nan=0.0))
+    finite = np.isfinite(got) & np.isfinite(want)
+    # Non-finite entries must match exactly (the same inf, or NaN for NaN); they never enter
+    # the scale, so one inf in the reference cannot make the tolerance infinite.
+    same_special = (got == want) | (np.isnan(got) & np.isnan(want))
+    diff = np.where(finite, np.abs(np.where(finite, got - want, 0.0)),
+                    np.where(same_special, 0.0, np.inf))
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.ndim else ()
     max_abs = float(diff[worst]) if diff.ndim else float(diff)
-    scale = float(np.max(np.abs(np.nan_to_num(want))))
+    scale = float(np.max(np.abs(np.where(np.isfinite(want), want, 0.0))))
     index = tuple(int(i) for i in worst)
     return Comparison(what, max_abs, scale, index, tol, tol.allows(max_abs, scale))
 
@@ -106,12 +110,17 @@ def _is_float(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def _random_like(key, tree):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten(
-        [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
-    )
+def _rng(key, stream: int) -> np.random.Generator:
+    """A NumPy generator seeded from a JAX key. Drawing cotangents and directions with NumPy
+    costs no XLA compilation (each eager jax.random call per shape would)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.random.default_rng([*np.asarray(key, np.uint32).ravel().tolist(), stream])
+
+
+def _random_like(rng: np.random.Generator, tree):
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.standard_normal(jnp.shape(x)), jnp.result_type(x)), tree)
 
 
 def _vdot(a, b):
@@ -183,8 +192,8 @@ def check_vjp(
 
     diff_args = tuple(args[i] for i in argnums)
     f_op, f_ref = restrict(op, args), restrict(reference, args)
-    k_ct, k_fd, k_u = jax.random.split(key, 3)
-    ct = _random_like(k_ct, jax.eval_shape(f_op, *diff_args))
+    rng_ct, rng_fd, rng_u = (_rng(key, stream) for stream in range(3))
+    ct = _random_like(rng_ct, jax.eval_shape(f_op, *diff_args))
     run_fd = finite_differences and _x64_enabled()
     if finite_differences and not run_fd:
         result.skipped.append("finite differences: float64 is disabled (jax_enable_x64)")
@@ -192,13 +201,13 @@ def check_vjp(
     if run_fd:
         for position, x in enumerate(diff_args):
             if x.size <= max_fd_elements:  # every basis vector: an element-wise gradient
-                fd_probes[position] = jnp.eye(x.size, dtype=jnp.float64).reshape(x.size, *x.shape)
+                probe = np.eye(x.size).reshape(x.size, *x.shape)
             else:  # random unit directions: directional derivatives
-                d = jax.random.normal(jax.random.fold_in(k_fd, position),
-                                      (fd_directions, *x.shape), jnp.float64)
-                norms = jnp.linalg.norm(d.reshape(fd_directions, -1), axis=1)
-                fd_probes[position] = d / norms.reshape((fd_directions,) + (1,) * x.ndim)
-    u = _random_like(k_u, diff_args) if second_order else None
+                probe = rng_fd.standard_normal((fd_directions, *x.shape))
+                norms = np.linalg.norm(probe.reshape(fd_directions, -1), axis=1)
+                probe = probe / norms.reshape((fd_directions,) + (1,) * x.ndim)
+            fd_probes[position] = jnp.asarray(probe, jnp.float64)
+    u = _random_like(rng_u, diff_args) if second_order else None
     batched = tuple(jnp.stack([a, jnp.flip(a)]) for a in args) if vmap else None
     batched_ct = (jax.tree_util.tree_map(lambda c: jnp.stack([c, jnp.flip(c)]), ct)
                   if vmap else None)
@@ -231,7 +240,15 @@ def check_vjp(
             ]
         return out
 
-    out = program(diff_args, ct, fd_probes, u, batched, batched_ct)
+    try:
+        out = program(diff_args, ct, fd_probes, u, batched, batched_ct)
+    except (TypeError, ValueError) as error:
+        if "Custom VJP bwd rule" not in str(error):
+            raise
+        # JAX refuses a backward whose cotangent has the wrong shape or structure (a missing
+        # transpose, say) before anything runs: that is a failed check, not a crash.
+        result.problems.append(f"the backward's output does not match the inputs: {error}")
+        return result
     result.comparisons.append(_compare("forward", out["forward_op"], out["forward_ref"], tol))
     for i, g_op, g_ref, primal in zip(argnums, out["vjp_op"], out["vjp_ref"], diff_args):
         if g_op.shape != primal.shape or g_op.dtype != primal.dtype:

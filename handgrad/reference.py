@@ -34,7 +34,9 @@ def flatten(x):
 
 
 def sigmoid(z):
-    return 1 / (1 + jnp.exp(-jnp.asarray(z)))
+    # lax.logistic: 1/(1 + e^{−z}) with a derivative that stays finite when saturated
+    # (the literal formula's autodiff gives inf/inf = NaN at z = −1000).
+    return jax.nn.sigmoid(jnp.asarray(z))
 
 
 def tanh(z):

@@ -53,29 +53,51 @@ def conv2d_input_grad(g, w, config):
     """dx = dilate_s(g), padded for a full convolution, ⋆ rot180(w) with in/out swapped."""
     stride, padding, dilation, groups, in_hw = config
     kernel_eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
-    pads = []
+    full_pads = []
     for size, k, s, (lo, hi) in zip(in_hw, kernel_eff, stride, padding):
         # Input rows past the last window (the stride's remainder) were never read: the extra
         # high-side padding `remainder` gives them zero gradient. A pad larger than k − 1
-        # turns into negative padding, i.e. cropping, which lax.pad does.
+        # turns into negative padding, i.e. cropping.
         remainder = (size + lo + hi - k) % s
-        pads.append((k - 1 - lo, k - 1 - hi + remainder, s - 1))
-    zero = jnp.zeros((), g.dtype)
-    g_full = lax.pad(g, zero, ((0, 0, 0), (0, 0, 0), *pads))
+        full_pads.append((k - 1 - lo, k - 1 - hi + remainder))
+    if max(stride) > 1:
+        # The notes' "dilate the error map by the stride": s − 1 zeros between entries. An
+        # explicit interior pad; XLA:CPU runs lhs_dilation far slower.
+        zero = jnp.zeros((), g.dtype)
+        g = lax.pad(g, zero, ((0, 0, 0), (0, 0, 0), (0, 0, stride[0] - 1),
+                              (0, 0, stride[1] - 1)))
+    # The edge padding goes to the convolution itself: XLA:CPU runs a padded convolution
+    # 3-6× faster than the same convolution on a pre-padded input.
     return lax.conv_general_dilated(
-        g_full, rotate_180_swap_io(w, groups), window_strides=(1, 1), padding="VALID",
+        g, rotate_180_swap_io(w, groups), window_strides=(1, 1), padding=full_pads,
         rhs_dilation=dilation, dimension_numbers=_DIMENSIONS, feature_group_count=groups,
     )
 
 
 def conv2d_weight_grad(x, g, w_shape, config):
-    """dw[o, c, a, b] = Σ_{n,i,j} g[n, o, i, j] · x_pad[n, c, i·s + a·d, j·s + b·d], per group.
+    """dw[o, c, a, b] = Σ_{n,i,j} g[n, o, i, j] · x_pad[n, c, i·s + a·d, j·s + b·d] (seed 004).
 
-    One strided slice of the padded input per kernel offset (a, b) and one contraction over
-    (n, i, j) — an im2col whose columns are never concatenated in memory. XLA:CPU lowers the
-    autodiff weight gradient of a grouped convolution to an expanded batch-group convolution;
-    this form stays a plain batched matmul per offset.
+    groups = 1: that sum *is* a convolution — of the padded input (batch ↔ channel axes
+    swapped, so the sum runs over n) with the error map as the kernel, dilated by the stride,
+    moving in steps of the dilation. groups > 1: XLA:CPU would lower that convolution to an
+    expanded batch-group convolution (30-50× slower), so the sum is written per kernel offset
+    instead — see :func:`_grouped_weight_grad`. Both chosen by measurement
+    (docs/benchmarks.md).
     """
+    stride, padding, dilation, groups, _ = config
+    if groups == 1:
+        dw = lax.conv_general_dilated(
+            x, g, window_strides=dilation, padding=padding, rhs_dilation=stride,
+            dimension_numbers=("CNHW", "IOHW", "CNHW"),
+        )
+        # The stride's remainder can add output positions past the kernel: drop them.
+        return dw[:, :, : w_shape[2], : w_shape[3]]
+    return _grouped_weight_grad(x, g, w_shape, config)
+
+
+def _grouped_weight_grad(x, g, w_shape, config):
+    """dw per kernel offset (a, b): one strided slice of the padded input and one contraction
+    over (n, i, j), batched over groups — an im2col whose columns are never concatenated."""
     stride, padding, dilation, groups, _ = config
     xp = _windows.pad_spatial(x, padding, 0)
     n = x.shape[0]
