@@ -144,10 +144,15 @@ def save_checkpoint(path: str | os.PathLike, state) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     leaves, treedef = jax.tree_util.tree_flatten(state)
-    leaves = [np.asarray(leaf) for leaf in leaves]
+    # Typed PRNG keys (jax.random.key) are stored as their raw data, tagged with their impl.
+    names = [f"key:{jax.random.key_impl(leaf)}"
+             if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key) else None
+             for leaf in leaves]
+    leaves = [np.asarray(jax.random.key_data(leaf)) if name else np.asarray(leaf)
+              for leaf, name in zip(leaves, names)]
     # .npz cannot name bfloat16 (it would store raw void bytes): keep each leaf's dtype name
     # and store the bits of such leaves as unsigned integers of the same width.
-    dtypes = np.array([leaf.dtype.name for leaf in leaves])
+    dtypes = np.array([name or leaf.dtype.name for leaf, name in zip(leaves, names)])
     arrays = {f"leaf_{i:05d}": leaf if leaf.dtype.isbuiltin else leaf.view(f"u{leaf.itemsize}")
               for i, leaf in enumerate(leaves)}
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -173,10 +178,15 @@ def load_checkpoint(path: str | os.PathLike, like):
                 f"checkpoint {path} has another structure than the model/optimizer state: "
                 f"stored {stored[:200]}…, expected {str(treedef)[:200]}…"
             )
+        if "__dtypes__" not in data:
+            raise ValueError(f"checkpoint {path} is in an older format (no dtype record); "
+                             "train again to write a current one")
         names = [str(n) for n in data["__dtypes__"]]
         loaded = [data[f"leaf_{i:05d}"] for i in range(len(leaves))]
-        loaded = [leaf if leaf.dtype.name == name else leaf.view(jnp.dtype(name))
-                  for leaf, name in zip(loaded, names)]
+    loaded = [_restore_leaf(leaf, name) for leaf, name in zip(loaded, names)]
+    leaves = [jax.random.key_data(leaf)
+              if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key) else leaf
+              for leaf in leaves]
     for i, (want, got) in enumerate(zip(leaves, loaded)):
         want = np.asarray(want)
         if want.shape != got.shape or want.dtype != got.dtype:
@@ -184,7 +194,15 @@ def load_checkpoint(path: str | os.PathLike, like):
                 f"checkpoint {path}: leaf {i} is {got.dtype}{list(got.shape)}, expected "
                 f"{want.dtype}{list(want.shape)}"
             )
-    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(leaf) for leaf in loaded])
+    return jax.tree_util.tree_unflatten(
+        treedef, [jax.random.wrap_key_data(leaf, impl=name[4:]) if name.startswith("key:")
+                  else jnp.asarray(leaf) for leaf, name in zip(loaded, names)])
+
+
+def _restore_leaf(leaf: np.ndarray, name: str) -> np.ndarray:
+    if name.startswith("key:") or leaf.dtype.name == name:
+        return leaf
+    return leaf.view(jnp.dtype(name))  # bfloat16 & co., stored as same-width unsigned ints
 
 
 # --- the fit loop ----------------------------------------------------------------------------
