@@ -106,7 +106,8 @@ T_LENET = Target("lenet5", "LeNet-5 gradient", "hand/autodiff", "<=", 0.6)
 T_MAXPOOL = Target("max_pool_bwd", "max-pool backward", "autodiff/hand", ">=", 10.0)
 T_CONV = Target("conv_bwd", "conv2d backward, every swept shape", "hand/autodiff", "<=", 1.0)
 T_GROUPED = Target("grouped_dw", "grouped-conv dW (groups=8)", "autodiff/hand", ">=", 10.0)
-T_MEMORY = Target("residual_memory", "residual memory, every model", "hand/autodiff", "<=", 1.0)
+T_MEMORY = Target("residual_memory", "residual memory added, every model", "hand/autodiff",
+                  "<=", 1.0)
 
 
 # --- workloads -----------------------------------------------------------------------------
@@ -784,13 +785,18 @@ def run_memory(work: MemoryWorkload) -> dict:
         return {"name": work.name, "description": work.description,
                 "error": f"{type(error).__name__}: {error}"}
     ratio = per["hand"]["residual_bytes"] / max(per["autodiff"]["residual_bytes"], 1)
+    # The target is judged on the memory the backward pass adds: a residual that *is* a
+    # parameter or an input (dense saving its weights by reference, say) allocates nothing.
+    added = (per["hand"]["residual_bytes_excluding_inputs"]
+             / max(per["autodiff"]["residual_bytes_excluding_inputs"], 1))
     target = None
     if work.target is not None:
         target = {"key": work.target.key, "metric": work.target.metric, "op": work.target.op,
-                  "threshold": work.target.threshold, "value": ratio,
-                  "met": work.target.met(ratio), "within_noise": False}
+                  "threshold": work.target.threshold, "value": added,
+                  "met": work.target.met(added), "within_noise": False}
     return {"name": work.name, "description": work.description, "variants": per,
-            "residual_hand_over_autodiff": ratio, "target": target}
+            "residual_hand_over_autodiff": ratio,
+            "added_residual_hand_over_autodiff": added, "target": target}
 
 
 # --- environment ---------------------------------------------------------------------------------
@@ -1071,8 +1077,10 @@ removes it); `conv-dw-g8` asks for the weight gradient only. Pool "fwdbwd" is
 `jax.grad(lambda x: sum(pool(x)·ct))`, "bwd" applies the VJP function of a precomputed forward.
 Residual memory is the sum of `nbytes` of the leaves of `jax.vjp(f, params)[1]` (the arrays
 kept for the backward pass, deduplicated; "inputs excluded" drops the ones that are the
-parameters/inputs themselves), and "XLA temp" is `memory_analysis().temp_size_in_bytes` of the
-compiled gradient. The machine is shared and small (see the load average above): read ratios
+parameters/inputs themselves, and the memory target is judged on it: a reference to an array
+the caller holds anyway allocates nothing), and "XLA temp" is
+`memory_analysis().temp_size_in_bytes` of the compiled gradient. The machine is shared and
+small (see the load average above): read ratios
 near a threshold with their IQR."""
 
 
