@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -187,13 +188,12 @@ def check_vjp(
     tol = tolerance or tolerances.autodiff_tolerance(dtype, platform)
     result = CheckResult(name=name, dtype=jnp.dtype(dtype).name)
 
-    def restrict(fn, full_args):
-        return lambda *diff: fn(*_substitute(full_args, argnums, diff), **kwargs)
-
+    static_kwargs, dynamic_kwargs = _split_kwargs(kwargs)
+    plan = _Plan(op, reference, argnums, static_kwargs, float(fd_step))
     diff_args = tuple(args[i] for i in argnums)
-    f_op, f_ref = restrict(op, args), restrict(reference, args)
     rng_ct, rng_fd, rng_u = (_rng(key, stream) for stream in range(3))
-    ct = _random_like(rng_ct, jax.eval_shape(f_op, *diff_args))
+    ct = _random_like(rng_ct, jax.eval_shape(
+        lambda *d: op(*_substitute(args, argnums, d), **kwargs), *diff_args))
     run_fd = finite_differences and _x64_enabled()
     if finite_differences and not run_fd:
         result.skipped.append("finite differences: float64 is disabled (jax_enable_x64)")
@@ -212,36 +212,8 @@ def check_vjp(
     batched_ct = (jax.tree_util.tree_map(lambda c: jnp.stack([c, jnp.flip(c)]), ct)
                   if vmap else None)
 
-    # Everything is computed in ONE jit-compiled program: compiling once is far cheaper than
-    # compiling every primitive for eager dispatch, and it runs the op under jit as users do.
-    @jax.jit
-    def program(diff, ct, fd_probes, u, batched, batched_ct):
-        out = {}
-        out["forward_op"], vjp_op = jax.vjp(f_op, *diff)
-        out["forward_ref"], vjp_ref = jax.vjp(f_ref, *diff)
-        out["vjp_op"], out["vjp_ref"] = vjp_op(ct), vjp_ref(ct)
-        if fd_probes:
-            out["fd"] = _finite_differences(f_op, diff, ct, fd_probes, fd_step)
-        if u is not None:
-            every = tuple(range(len(diff)))
-            def psi(f, *d):
-                return _vdot(jax.vjp(f, *d)[1](ct), u)
-            out["gg_op"] = jax.grad(lambda *d: psi(f_op, *d), argnums=every)(*diff)
-            out["gg_ref"] = jax.grad(lambda *d: psi(f_ref, *d), argnums=every)(*diff)
-        if batched is not None:
-            def grads(fn, full, c):
-                d = tuple(full[i] for i in argnums)
-                return jax.vjp(lambda *a: fn(*_substitute(full, argnums, a), **kwargs), *d)[1](c)
-            out["vmap_op"] = jax.vmap(lambda full, c: grads(op, full, c))(batched, batched_ct)
-            out["vmap_ref"] = [
-                grads(reference, tuple(b[e] for b in batched),
-                      jax.tree_util.tree_map(lambda t, e=e: t[e], batched_ct))
-                for e in range(2)
-            ]
-        return out
-
     try:
-        out = program(diff_args, ct, fd_probes, u, batched, batched_ct)
+        out = _program(plan, args, dynamic_kwargs, ct, fd_probes, u, batched, batched_ct)
     except (TypeError, ValueError) as error:
         if "Custom VJP bwd rule" not in str(error):
             raise
@@ -273,6 +245,71 @@ def check_vjp(
                     out["vmap_op"][position][example], out["vmap_ref"][example][position], tol,
                 ))
     return result
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The static part of a check: what is compiled. Equal plans with equal shapes reuse one
+    compiled program (hypothesis draws the same shapes again and again)."""
+
+    op: Callable
+    reference: Callable
+    argnums: tuple[int, ...]
+    static_kwargs: tuple
+    fd_step: float
+
+
+def _split_kwargs(kwargs: dict):
+    """Hashable keyword arguments are compiled in; arrays (a PRNG key, running statistics)
+    are passed to the program as data."""
+    static, dynamic = [], {}
+    for name, value in sorted(kwargs.items()):
+        if isinstance(value, jax.Array | np.ndarray):
+            dynamic[name] = value
+        else:
+            hash(value)  # raises for a list or dict: pass tuples
+            static.append((name, value))
+    return tuple(static), dynamic
+
+
+# Everything is computed in ONE jit-compiled program: compiling once is far cheaper than
+# compiling every primitive for eager dispatch, and it runs the op under jit as users do.
+@partial(jax.jit, static_argnums=0)
+def _program(plan: _Plan, args, dynamic_kwargs, ct, fd_probes, u, batched, batched_ct):
+    kwargs = {**dict(plan.static_kwargs), **dynamic_kwargs}
+    argnums = plan.argnums
+
+    def restrict(fn, full):
+        return lambda *diff: fn(*_substitute(full, argnums, diff), **kwargs)
+
+    f_op, f_ref = restrict(plan.op, args), restrict(plan.reference, args)
+    diff = tuple(args[i] for i in argnums)
+    out = {}
+    out["forward_op"], vjp_op = jax.vjp(f_op, *diff)
+    out["forward_ref"], vjp_ref = jax.vjp(f_ref, *diff)
+    out["vjp_op"], out["vjp_ref"] = vjp_op(ct), vjp_ref(ct)
+    if fd_probes:
+        out["fd"] = _finite_differences(f_op, diff, ct, fd_probes, plan.fd_step)
+    if u is not None:
+        every = tuple(range(len(diff)))
+
+        def psi(f, *d):
+            return _vdot(jax.vjp(f, *d)[1](ct), u)
+
+        out["gg_op"] = jax.grad(lambda *d: psi(f_op, *d), argnums=every)(*diff)
+        out["gg_ref"] = jax.grad(lambda *d: psi(f_ref, *d), argnums=every)(*diff)
+    if batched is not None:
+        def grads(fn, full, c):
+            d = tuple(full[i] for i in argnums)
+            return jax.vjp(restrict(fn, full), *d)[1](c)
+
+        out["vmap_op"] = jax.vmap(lambda full, c: grads(plan.op, full, c))(batched, batched_ct)
+        out["vmap_ref"] = [
+            grads(plan.reference, tuple(b[e] for b in batched),
+                  jax.tree_util.tree_map(lambda t, e=e: t[e], batched_ct))
+            for e in range(2)
+        ]
+    return out
 
 
 def _substitute(full, positions, values):
