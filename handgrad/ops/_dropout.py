@@ -17,12 +17,14 @@ from handgrad import _checks
 
 def _keep_scale(rate, dtype):
     """1/(1 − p) in at least float32, and 0 at p = 1 (all dropped) instead of 0·∞ = NaN."""
-    rate = rate.astype(jnp.promote_types(dtype, jnp.float32))
+    # jnp.asarray, not .astype: under grad-of-jit a weak-typed rate reaches the backward as
+    # a Python-float literal, which has no .astype.
+    rate = jnp.asarray(rate, jnp.promote_types(dtype, jnp.float32))
     return jnp.where(rate < 1, 1 / jnp.where(rate < 1, 1 - rate, 1), 0)
 
 
 def _mask(key, rate, shape):
-    return jax.random.bernoulli(key, 1 - rate.astype(jnp.float32), shape)
+    return jax.random.bernoulli(key, 1 - jnp.asarray(rate, jnp.float32), shape)
 
 
 @jax.custom_vjp
