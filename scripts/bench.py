@@ -61,7 +61,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import handgrad as hg  # noqa: E402
-from handgrad import models  # noqa: E402
+from handgrad import cli, models  # noqa: E402
 
 try:  # optional: a third column, never a dependency
     import torch  # type: ignore[import-not-found]
@@ -1118,26 +1118,6 @@ def print_report(results: dict, stream=sys.stdout) -> None:
 # --- command line --------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench.py", description=__doc__,
@@ -1148,14 +1128,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory for bench.json (default: the current directory)")
     parser.add_argument("--docs", type=Path, default=DEFAULT_DOCS,
                         help="markdown report to regenerate (default: docs/benchmarks.md)")
-    parser.add_argument("--rounds", type=_positive_int, default=None,
+    parser.add_argument("--rounds", type=cli.positive_int, default=None,
                         help="timed rounds per workload (default 15; 3 with --quick)")
-    parser.add_argument("--min-rounds", type=_positive_int, default=None,
+    parser.add_argument("--min-rounds", type=cli.positive_int, default=None,
                         help="rounds always run even past --budget-s (default 5; 2 with --quick)")
-    parser.add_argument("--budget-s", type=_positive_float, default=None,
+    parser.add_argument("--budget-s", type=cli.positive_float, default=None,
                         help="seconds of timed rounds per workload before stopping early "
                              "(default 6; 0.5 with --quick)")
-    parser.add_argument("--sample-ms", type=_positive_float, default=None,
+    parser.add_argument("--sample-ms", type=cli.positive_float, default=None,
                         help="minimum duration of one sample (default 25; 2 with --quick)")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
                         help="run only workloads whose name contains one of these "
@@ -1164,7 +1144,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="extra workloads that locate a miss (conv: dx alone and dw alone; "
                              "models: one hand op at a time): for missed targets (auto, the "
                              "default), always, or never (--quick's default)")
-    parser.add_argument("--diagnostic-rounds", type=_positive_int, default=7,
+    parser.add_argument("--diagnostic-rounds", type=cli.positive_int, default=7,
                         help="rounds for the diagnostic workloads (default 7, budget 3 s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")

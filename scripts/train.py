@@ -73,7 +73,6 @@ import argparse
 import datetime
 import functools
 import json
-import math
 import os
 import platform
 import shlex
@@ -117,36 +116,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message.rstrip('.')} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     table = "\n".join(
         f"  {model:<6} {kind:<7} {epochs:>3} epochs, lr {lr:g}"
@@ -167,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  python scripts/train.py --out runs/a --epochs 60 --resume",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from handgrad import cli
     from handgrad.data import DATASETS
     from handgrad.models import MODELS  # the tables decide the choices (imports jax)
 
@@ -180,28 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", metavar="PATH",
                         help="directory with the four MNIST IDX files (plain or .gz) or "
                         "<data>.npz (for mnist and fashion-mnist)")
-    parser.add_argument("--epochs", type=_positive_int, default=None,
+    parser.add_argument("--epochs", type=cli.positive_int, default=None,
                         help="epochs to train (default: per model/data, see below; mlp on "
                         "digits: 40). With --resume: the total, including those done")
-    parser.add_argument("--batch-size", type=_positive_int, default=32,
+    parser.add_argument("--batch-size", type=cli.positive_int, default=32,
                         help="global batch size; with --devices N it must be divisible by N "
                         "(default: %(default)s)")
     parser.add_argument("--optimizer", default="adam",
                         help="an optax optimizer name: adam, adamw, sgd, rmsprop, lion, … "
                         "(default: %(default)s)")
-    parser.add_argument("--lr", type=_positive_float, default=None,
+    parser.add_argument("--lr", type=cli.positive_float, default=None,
                         help="learning rate (default: per model/data, see below; 1e-3)")
     parser.add_argument("--grad", choices=GRAD_MODES, default="hand",
                         help="hand: the hand-written VJPs; autodiff: jax.grad through "
                         "handgrad.reference; both: train the two from the same init and "
                         "batch order and compare parameters and step times "
                         "(default: %(default)s)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0,
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0,
                         help="seeds the digits split, the init and the shuffle "
                         "(default: %(default)s)")
     parser.add_argument("--out", metavar="DIR",
                         help="run directory (default: runs/<model>-<data>-<timestamp>)")
-    parser.add_argument("--devices", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--devices", type=cli.positive_int, default=None, metavar="N",
                         help="data-parallel over the first N local devices (default: all of "
                         "them when there is more than one, else a single device)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
