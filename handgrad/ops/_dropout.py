@@ -7,7 +7,7 @@ Measured on the 2-core CPU (jit, grad of a dropout on (4096, 1024), rate 0.3): r
 took 268 ms vs 256 ms with a stored bool mask (+5 %, threefry is not cheap on a CPU), while
 the residual outside jit shrinks from 4 MiB to 8 bytes; under jit XLA's temp memory was the
 same (48 MiB) either way. Regeneration keeps `jax.vjp`/remat residuals small, which is where
-it matters (activations kept across a long model); on GPU the generator is nearly free.
+it matters (activations kept across a long model). GPU cost not measured here.
 Derivation: docs/derivations.md §8.3.
 """
 
