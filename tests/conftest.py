@@ -22,21 +22,12 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 from hypothesis import settings  # noqa: E402
 
+from handgrad.verification import available_platforms  # noqa: E402
+
 # Small example counts by default; `-m slow` runs and HANDGRAD_HYPOTHESIS_PROFILE=full use more.
 settings.register_profile("quick", max_examples=10, deadline=None, derandomize=False)
 settings.register_profile("full", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HANDGRAD_HYPOTHESIS_PROFILE", "quick"))
-
-
-def available_platforms():
-    found = []
-    for platform in ("cpu", "gpu", "tpu"):
-        try:
-            if jax.devices(platform):
-                found.append(platform)
-        except RuntimeError:
-            pass
-    return found
 
 
 PLATFORMS = ("cpu", "gpu", "tpu")
