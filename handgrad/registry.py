@@ -63,6 +63,19 @@ class OpSpec:
     def diff_argnums(self, args) -> tuple[int, ...]:
         return tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.inexact))
 
+    def of_floating_args(self, args, kwargs):
+        """``(f, floating_args)``: the op as a function of its floating arguments only (the
+        others, e.g. integer labels, held fixed) — what jax.vjp and jax.grad take."""
+        positions = self.diff_argnums(args)
+
+        def f(*floating):
+            full = list(args)
+            for i, v in zip(positions, floating):
+                full[i] = v
+            return self.op(*full, **kwargs)
+
+        return f, tuple(args[i] for i in positions)
+
 
 # --- samplers ------------------------------------------------------------------------------
 
