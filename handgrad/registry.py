@@ -390,6 +390,9 @@ register(OpSpec(
         _conv_case((1, 3, 7, 5), (2, 3, 3, 3), stride=2, padding="SAME"),
         _conv_case((2, 2, 6, 6), (2, 2, 3, 2), padding=(2, 1)),
         _conv_case((2, 2, 9, 9), (3, 2, 3, 3), dilation=2),
+        # More channels than the small-channel paths take: XLA's convolution forward and dx.
+        _conv_case((2, 9, 7, 6), (3, 9, 3, 2), stride=(2, 1), padding=((1, 0), (2, 1))),
+        _conv_case((1, 10, 6, 7), (2, 10, 2, 3), dilation=(2, 1), bias=False),
         _conv_case((2, 4, 6, 6), (6, 2, 3, 3), groups=2),
         _conv_case((2, 3, 6, 5), (6, 1, 3, 3), groups=3, padding=1),  # depthwise, multiplier 2
         _conv_case((2, 3, 5, 4), (2, 3, 5, 4), bias=False),  # kernel = input size

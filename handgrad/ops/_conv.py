@@ -30,12 +30,54 @@ from handgrad.ops import _windows
 _DIMENSIONS = ("NCHW", "OIHW", "NCHW")
 
 
+# XLA:CPU's convolution is slow when a group has few input channels (LeNet's first layer has
+# one): its GEMM contracts over only C·kh·kw. For groups = 1 and at most these many input
+# channels, the forward is an explicit im2col + GEMM and (stride 1) dx an explicit GEMM +
+# col2im — chosen by measurement on CPU (docs/benchmarks.md): above these counts XLA's
+# convolution wins (forward 1.5× faster at C = 6, dx 1.1× at C = 16).
+IM2COL_FORWARD_MAX_CHANNELS = 3
+COL2IM_INPUT_GRAD_MAX_CHANNELS = 8
+
+
+def _accumulation_dtype(dtype):
+    # 16-bit inputs accumulate long sums in float32, as XLA's convolutions and dots do.
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
+
+
 def _forward(x, w, config):
     stride, padding, dilation, groups, _ = config
+    if groups == 1 and x.shape[1] <= IM2COL_FORWARD_MAX_CHANNELS:
+        return _im2col_forward(x, w, config)
     return lax.conv_general_dilated(
         x, w, window_strides=stride, padding=padding, rhs_dilation=dilation,
         dimension_numbers=_DIMENSIONS, feature_group_count=groups,
     )
+
+
+def _im2col_forward(x, w, config):
+    """z[n] = W (O, C·kh·kw) @ cols[n] (C·kh·kw, Ho·Wo): the defining sum as one batched GEMM.
+
+    ``cols`` stacks, for every kernel offset (a, b), the window slice that offset reads
+    (seed 004's y_prev[i + a, j + b]). A GEMM, not an elementwise sum of the kh·kw·C slices:
+    XLA:CPU fuses such a sum into each consumer (relu, a pool's window slices) and recomputes
+    it there — LeNet-5's step measured 1.3× slower than autodiff that way, even behind
+    ``lax.optimization_barrier`` (which XLA:CPU drops). A GEMM's output is materialized once.
+    """
+    stride, padding, dilation, _, _ = config
+    n = x.shape[0]
+    o, c, kh, kw = w.shape
+    xp = _windows.pad_spatial(x, padding, 0)
+    out_hw = tuple((size - ((k - 1) * d + 1)) // s + 1
+                   for size, k, d, s in zip(xp.shape[2:], (kh, kw), dilation, stride))
+    cols = jnp.stack([_windows.window_slice(xp, a, b, out_hw, stride, dilation)
+                      for a in range(kh) for b in range(kw)], axis=2)  # (N, C, kh·kw, Ho, Wo)
+    cols = cols.reshape(n, c * kh * kw, out_hw[0] * out_hw[1])
+    # W broadcast over the batch: a batched GEMM whose output is already (N, O, Ho·Wo) —
+    # measured 15 % faster than one GEMM (O, N·Ho·Wo) followed by a transpose.
+    w_batched = jnp.broadcast_to(w.reshape(1, o, c * kh * kw), (n, o, c * kh * kw))
+    z = jnp.einsum("nok,nkp->nop", w_batched, cols,
+                   preferred_element_type=_accumulation_dtype(x.dtype))
+    return z.reshape(n, o, *out_hw).astype(x.dtype)
 
 
 def rotate_180_swap_io(w, groups: int):
@@ -52,6 +94,8 @@ def rotate_180_swap_io(w, groups: int):
 def conv2d_input_grad(g, w, config):
     """dx = dilate_s(g), padded for a full convolution, ⋆ rot180(w) with in/out swapped."""
     stride, padding, dilation, groups, in_hw = config
+    if groups == 1 and stride == (1, 1) and w.shape[1] <= COL2IM_INPUT_GRAD_MAX_CHANNELS:
+        return _col2im_input_grad(g, w, config)
     kernel_eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
     full_pads = []
     for size, k, s, (lo, hi) in zip(in_hw, kernel_eff, stride, padding):
@@ -69,6 +113,34 @@ def conv2d_input_grad(g, w, config):
         lhs_dilation=stride, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS,
         feature_group_count=groups,
     )
+
+
+def _col2im_input_grad(g, w, config):
+    """The same dx, scattered instead of gathered (groups = 1, stride 1, few input channels).
+
+    One batched GEMM gives every window's contribution,
+    ``cols[n, c, a, b, i, j] = Σ_o w[o, c, a, b]·g[n, o, i, j]``, and each kernel offset's
+    block is added back where its window slice came from — seed 004's
+    ∂E/∂y_prev[i + a, j + b] += δ[i, j]·w[a, b] — then the padding is cropped. The adds are
+    in-place ``dynamic_update_slice``s of one buffer: as a sum of kh·kw zero-padded blocks
+    XLA:CPU materialized every block separately inside LeNet-5 (1.6× slower than its own
+    convolution there, though 1.4× faster alone).
+    """
+    _, padding, dilation, _, in_hw = config
+    o, c, kh, kw = w.shape
+    n, _, ho, wo = g.shape
+    w_batched = jnp.broadcast_to(w.reshape(1, o, c * kh * kw), (n, o, c * kh * kw))
+    cols = jnp.einsum("nok,nop->nkp", w_batched, g.reshape(n, o, ho * wo),
+                      preferred_element_type=_accumulation_dtype(g.dtype))
+    cols = cols.reshape(n, c, kh, kw, ho, wo)
+    padded_hw = [size + lo + hi for size, (lo, hi) in zip(in_hw, padding)]
+    dx_padded = jnp.zeros((n, c, *padded_hw), cols.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            at = (0, 0, a * dilation[0], b * dilation[1])
+            block = lax.dynamic_slice(dx_padded, at, (n, c, ho, wo)) + cols[:, :, a, b]
+            dx_padded = lax.dynamic_update_slice(dx_padded, block, at)
+    return _windows.crop_spatial(dx_padded, padding, in_hw).astype(g.dtype)
 
 
 def conv2d_weight_grad(x, g, w_shape, config):
@@ -107,8 +179,7 @@ def _grouped_weight_grad(x, g, w_shape, config):
     o, cg, kh, kw = w_shape
     out_hw = g.shape[2:]
     g_grouped = g.reshape(n, groups, o // groups, *out_hw)
-    # 16-bit inputs accumulate the long (n, i, j) sums in float32.
-    accumulate = jnp.float32 if jnp.dtype(g.dtype).itemsize < 4 else None
+    accumulate = _accumulation_dtype(g.dtype)
     rows = []
     for a in range(kh):
         row = []
