@@ -441,6 +441,7 @@ def _pool_case(x_shape, window, sampler, **kwargs):
 def _pool_cases(sampler):
     return (
         _pool_case((2, 3, 6, 6), 2, sampler),
+        _pool_case((2, 3, 7, 8), (2, 3), sampler),  # tiling windows, unread remainder
         _pool_case((1, 2, 5, 7), 3, sampler, stride=2, padding=1),  # overlapping, batch 1
         _pool_case((2, 2, 7, 5), (3, 2), sampler, stride=1),  # heavy overlap
         _pool_case((1, 1, 7, 6), 3, sampler, stride=2, padding="SAME"),
