@@ -385,6 +385,8 @@ register(OpSpec(
     cases=(
         _conv_case((2, 3, 7, 6), (4, 3, 3, 3)),
         _conv_case((1, 2, 5, 5), (3, 2, 1, 1)),  # batch 1, 1×1 kernel
+        _conv_case((2, 5, 7, 6), (4, 5, 1, 1), bias=False, stride=(2, 3),
+                   padding=((1, 0), (2, 1)), dilation=2),  # 1×1 kernel: the GEMM path
         _conv_case((2, 3, 8, 7), (4, 3, 3, 3), stride=2, padding=1),
         _conv_case((2, 2, 9, 8), (3, 2, 2, 3), stride=3, padding=((1, 2), (0, 1))),
         _conv_case((1, 3, 7, 5), (2, 3, 3, 3), stride=2, padding="SAME"),
