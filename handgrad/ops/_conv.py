@@ -13,6 +13,10 @@ Backward, given the error map g = ∂J/∂z (N, O, Ho, Wo):
   ∂E/∂w[a, b] = Σ_ij δ[i, j]·y_prev[i + a, j + b] — one contraction per kernel offset;
 * db: the sum of the error map over N, H, W.
 
+Each formula is evaluated in the form measured fastest on CPU for its shape (derivations §4.6):
+1×1 kernels as batched GEMMs (the dense layer's rules per pixel), few input channels as
+im2col / col2im GEMMs, otherwise one XLA convolution per formula; grouped dw per kernel tap.
+
 Derivation: docs/derivations.md §4.
 """
 
