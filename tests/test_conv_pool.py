@@ -211,6 +211,29 @@ def test_conv2d_single_channel_matches_seed004_loops(in_hw, k_hw, stride, paddin
     assert_close(db, [delta.sum()], what="db")
 
 
+def _conv_paths_of_registered_cases():
+    from handgrad import registry
+    from handgrad.ops import _conv
+
+    paths = []
+    for case in registry.REGISTRY["conv2d"].cases:
+        x, w, *b = case.make_args(jax.random.PRNGKey(0), jnp.float32)
+        kwargs = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, **case.kwargs}
+        config = _conv.conv2d_config("conv2d", x, w, b[0] if b else None, **kwargs)
+        paths.append(_conv.evaluation_paths(w.shape, config))
+    return paths
+
+
+def test_registered_conv_cases_exercise_every_evaluation_path():
+    """derivations §4.6: each formula has several evaluations chosen by shape; the registry's
+    cases (checked against autodiff and finite differences in test_ops) must reach all of
+    them, so that a threshold change cannot leave a path untested."""
+    paths = _conv_paths_of_registered_cases()
+    assert {p.forward for p in paths} == {"pointwise", "im2col", "xla"}
+    assert {p.input_grad for p in paths} == {"pointwise", "col2im", "xla"}
+    assert {p.weight_grad for p in paths} == {"pointwise", "xla", "per_tap"}
+
+
 WORKED_X = np.array([[1, 2, 0, 1], [0, 1, 3, 1], [2, 1, 0, 2], [1, 0, 1, 3]], float)
 WORKED_W = np.array([[1, 2], [-1, 0]], float)
 

@@ -23,6 +23,7 @@ Derivation: docs/derivations.md §4.
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,11 +49,33 @@ def _accumulation_dtype(dtype):
     return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
 
 
+class ConvPaths(NamedTuple):
+    """How each formula is evaluated for one configuration (derivations §4.6)."""
+
+    forward: str  # "pointwise" | "im2col" | "xla"
+    input_grad: str  # "pointwise" | "col2im" | "xla"
+    weight_grad: str  # "pointwise" | "xla" | "per_tap"
+
+
+def evaluation_paths(w_shape, config) -> ConvPaths:
+    """The one place that picks the evaluation of each formula, by shape (measured on CPU)."""
+    stride, _, _, groups, _ = config
+    c_in = w_shape[1] * groups
+    if groups == 1 and tuple(w_shape[2:]) == (1, 1):
+        return ConvPaths("pointwise", "pointwise", "pointwise")
+    if groups > 1:
+        return ConvPaths("xla", "xla", "per_tap")
+    forward = "im2col" if c_in <= IM2COL_FORWARD_MAX_CHANNELS else "xla"
+    few_channels = stride == (1, 1) and c_in <= COL2IM_INPUT_GRAD_MAX_CHANNELS
+    return ConvPaths(forward, "col2im" if few_channels else "xla", "xla")
+
+
 def _forward(x, w, config):
     stride, padding, dilation, groups, _ = config
-    if _is_pointwise(w.shape, groups):
+    path = evaluation_paths(w.shape, config).forward
+    if path == "pointwise":
         return _pointwise_forward(x, w, config)
-    if groups == 1 and x.shape[1] <= IM2COL_FORWARD_MAX_CHANNELS:
+    if path == "im2col":
         return _im2col_forward(x, w, config)
     return lax.conv_general_dilated(
         x, w, window_strides=stride, padding=padding, rhs_dilation=dilation,
@@ -65,10 +88,6 @@ def _forward(x, w, config):
 # (§1): per image, z = W·X, dX = Wᵀ·g, and dW = Σ_n g·Xᵀ — with X the (C, Ho·Wo) strided
 # input. Written as batched GEMMs they skip XLA:CPU's convolution and its NHWC transposes:
 # measured 3–5× faster than autodiff's convolutions (docs/benchmarks.md, the k1 rows).
-
-
-def _is_pointwise(w_shape, groups) -> bool:
-    return groups == 1 and tuple(w_shape[2:]) == (1, 1)
 
 
 def _pointwise_input(x, config):
@@ -160,9 +179,10 @@ def rotate_180_swap_io(w, groups: int):
 def conv2d_input_grad(g, w, config):
     """dx = dilate_s(g), padded for a full convolution, ⋆ rot180(w) with in/out swapped."""
     stride, padding, dilation, groups, in_hw = config
-    if _is_pointwise(w.shape, groups):
+    path = evaluation_paths(w.shape, config).input_grad
+    if path == "pointwise":
         return _pointwise_input_grad(g, w, config)
-    if groups == 1 and stride == (1, 1) and w.shape[1] <= COL2IM_INPUT_GRAD_MAX_CHANNELS:
+    if path == "col2im":
         return _col2im_input_grad(g, w, config)
     kernel_eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
     full_pads = []
@@ -221,10 +241,11 @@ def conv2d_weight_grad(x, g, w_shape, config):
     instead — see :func:`_grouped_weight_grad`. Both chosen by measurement
     (docs/benchmarks.md).
     """
-    stride, padding, dilation, groups, in_hw = config
-    if _is_pointwise(w_shape, groups):
+    stride, padding, dilation, _, in_hw = config
+    path = evaluation_paths(w_shape, config).weight_grad
+    if path == "pointwise":
         return _pointwise_weight_grad(x, g, config)
-    if groups == 1:
+    if path == "xla":
         pads = []
         for size, k, s, d, (lo, hi), out in zip(in_hw, w_shape[2:], stride, dilation, padding,
                                                 g.shape[2:]):
