@@ -229,8 +229,8 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
     cases (checked against autodiff and finite differences in test_ops) must reach all of
     them, so that a threshold change cannot leave a path untested."""
     paths = _conv_paths_of_registered_cases()
-    assert {p.forward for p in paths} == {"pointwise", "im2col", "xla"}
-    assert {p.input_grad for p in paths} == {"pointwise", "col2im", "xla"}
+    assert {p.forward for p in paths} == {"pointwise", "im2col", "depthwise", "xla"}
+    assert {p.input_grad for p in paths} == {"pointwise", "col2im", "depthwise", "xla"}
     assert {p.weight_grad for p in paths} == {"pointwise", "xla", "per_tap"}
 
 

@@ -52,8 +52,8 @@ def _accumulation_dtype(dtype):
 class ConvPaths(NamedTuple):
     """How each formula is evaluated for one configuration (derivations §4.6)."""
 
-    forward: str  # "pointwise" | "im2col" | "xla"
-    input_grad: str  # "pointwise" | "col2im" | "xla"
+    forward: str  # "pointwise" | "im2col" | "depthwise" | "xla"
+    input_grad: str  # "pointwise" | "col2im" | "depthwise" | "xla"
     weight_grad: str  # "pointwise" | "xla" | "per_tap"
 
 
@@ -63,6 +63,8 @@ def evaluation_paths(w_shape, config) -> ConvPaths:
     c_in = w_shape[1] * groups
     if groups == 1 and tuple(w_shape[2:]) == (1, 1):
         return ConvPaths("pointwise", "pointwise", "pointwise")
+    if groups > 1 and w_shape[1] == 1:
+        return ConvPaths("depthwise", "depthwise", "per_tap")
     if groups > 1:
         return ConvPaths("xla", "xla", "per_tap")
     forward = "im2col" if c_in <= IM2COL_FORWARD_MAX_CHANNELS else "xla"
@@ -77,6 +79,8 @@ def _forward(x, w, config):
         return _pointwise_forward(x, w, config)
     if path == "im2col":
         return _im2col_forward(x, w, config)
+    if path == "depthwise":
+        return _depthwise_forward(x, w, config)
     return lax.conv_general_dilated(
         x, w, window_strides=stride, padding=padding, rhs_dilation=dilation,
         dimension_numbers=_DIMENSIONS, feature_group_count=groups,
@@ -165,6 +169,60 @@ def _im2col_forward(x, w, config):
     return z.reshape(n, o, *out_hw).astype(x.dtype)
 
 
+# --- depthwise (one input channel per group): a per-channel stencil ------------------------
+# With C/groups = 1 every output channel o reads one input channel, o // M (M = O/C, the
+# channel multiplier), and seed 004's sums have no channel sum left: the forward is kh·kw
+# multiply-adds of window slices and dx puts kh·kw weighted copies of g back — elementwise
+# work that XLA fuses into one loop. XLA:CPU's grouped convolution measured 15-46× slower
+# for the forward and 13-21× for dx at (32, 64, 16, 16), 3×3 (docs/benchmarks.md).
+
+
+def _per_output_channel(x_like, multiplier):
+    """(N, C, H, W) -> (N, C·M, H, W): input channel c repeated for outputs c·M … c·M + M − 1."""
+    if multiplier == 1:
+        return x_like
+    n, c, h, w = x_like.shape
+    return jnp.broadcast_to(x_like[:, :, None], (n, c, multiplier, h, w)).reshape(
+        n, c * multiplier, h, w)
+
+
+def _depthwise_forward(x, w, config):
+    """z[n, o] = Σ_{a,b} w[o, 0, a, b] · x_pad[n, o // M, i·s + a·d, j·s + b·d]."""
+    stride, padding, dilation, _, _ = config
+    o, _, kh, kw = w.shape
+    acc_dtype = _accumulation_dtype(x.dtype) or x.dtype
+    xp = _windows.pad_spatial(x, padding, 0).astype(acc_dtype)
+    out_hw = tuple((size - ((k - 1) * d + 1)) // s + 1
+                   for size, k, d, s in zip(xp.shape[2:], (kh, kw), dilation, stride))
+    taps = w.astype(acc_dtype).reshape(1, o, kh, kw, 1, 1)
+    z = None
+    for a in range(kh):
+        for b in range(kw):
+            window = _windows.window_slice(xp, a, b, out_hw, stride, dilation)
+            term = _per_output_channel(window, o // x.shape[1]) * taps[:, :, a, b]
+            z = term if z is None else z + term
+    return z.astype(x.dtype)
+
+
+def _depthwise_input_grad(g, w, config):
+    """dx_pad[n, c, i·s + a·d, j·s + b·d] += Σ_m w[c·M + m, 0, a, b] · g[n, c·M + m, i, j]."""
+    stride, padding, dilation, groups, in_hw = config
+    o, _, kh, kw = w.shape
+    n, _, ho, wo = g.shape
+    multiplier = o // groups
+    acc_dtype = _accumulation_dtype(g.dtype) or g.dtype
+    g_acc = g.astype(acc_dtype)
+    taps = w.astype(acc_dtype).reshape(1, o, kh, kw, 1, 1)
+    padded_hw = [size + lo + hi for size, (lo, hi) in zip(in_hw, padding)]
+    dxp = None
+    for a in range(kh):
+        for b in range(kw):
+            weighted = (g_acc * taps[:, :, a, b]).reshape(n, groups, multiplier, ho, wo).sum(axis=2)
+            piece = _windows.window_place(weighted, a, b, padded_hw, stride, dilation)
+            dxp = piece if dxp is None else dxp + piece
+    return _windows.crop_spatial(dxp, padding, in_hw).astype(g.dtype)
+
+
 def rotate_180_swap_io(w, groups: int):
     """rot180(w) with in/out channel axes swapped per group: (O, C/G, kh, kw) -> (C, O/G, kh, kw).
 
@@ -184,6 +242,8 @@ def conv2d_input_grad(g, w, config):
         return _pointwise_input_grad(g, w, config)
     if path == "col2im":
         return _col2im_input_grad(g, w, config)
+    if path == "depthwise":
+        return _depthwise_input_grad(g, w, config)
     kernel_eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
     full_pads = []
     for size, k, s, (lo, hi) in zip(in_hw, kernel_eff, stride, padding):
