@@ -62,6 +62,7 @@ import numpy as np  # noqa: E402
 
 import handgrad as hg  # noqa: E402
 from handgrad import cli, models  # noqa: E402
+from handgrad.ops import _conv as conv_impl  # noqa: E402  (which evaluation each conv formula uses)
 
 try:  # optional: a third column, never a dependency
     import torch  # type: ignore[import-not-found]
@@ -328,10 +329,18 @@ class ConvCase:
         return {"stride": self.stride, "padding": self.pad, "dilation": self.dilation,
                 "groups": self.groups}
 
+    def hand_paths(self) -> str:
+        """How handgrad evaluates forward / dx / dw here (derivations §4.6). "xla" for all three
+        means the hand rules are the very convolutions autodiff emits: parity is expected."""
+        x = jax.ShapeDtypeStruct((self.n, self.c, self.hw, self.hw), jnp.float32)
+        w = jax.ShapeDtypeStruct((self.o, self.c // self.groups, self.k, self.k), jnp.float32)
+        config = conv_impl.conv2d_config("conv2d", x, w, None, **self.kwargs())
+        return "/".join(conv_impl.evaluation_paths(w.shape, config))
+
     def describe(self) -> str:
         groups = {"g1": "dense"}.get(self.group_label, self.group_label)
         return (f"k{self.k} s{self.stride} d{self.dilation} {groups}, {self.c}→{self.o}, "
-                f"{self.hw}×{self.hw}, batch {self.n}")
+                f"{self.hw}×{self.hw}, batch {self.n}; hand fwd/dx/dw: {self.hand_paths()}")
 
 
 def _conv_vjp(mod, kwargs, wrt: str):
