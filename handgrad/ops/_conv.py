@@ -36,12 +36,12 @@ _DIMENSIONS = ("NCHW", "OIHW", "NCHW")
 
 
 # XLA:CPU's convolution is slow when a group has few input channels (LeNet's first layer has
-# one): its GEMM contracts over only C·kh·kw. For groups = 1 and at most these many input
+# one): its GEMM contracts over only C·kh·kw. For groups = 1 and at most this many input
 # channels, the forward is an explicit im2col + GEMM and (stride 1) dx an explicit GEMM +
-# col2im — chosen by measurement on CPU (docs/benchmarks.md): above these counts XLA's
-# convolution wins (forward 1.5× faster at C = 6, dx 1.1× at C = 16).
-IM2COL_FORWARD_MAX_CHANNELS = 3
-COL2IM_INPUT_GRAD_MAX_CHANNELS = 8
+# col2im — chosen by measurement on CPU, inside LeNet-5 and not only alone: at C = 6 the
+# col2im dx was 2× faster alone but cost LeNet-5's step 2.5–5 ms (three runs), and the
+# im2col forward loses 1.5× to XLA's convolution alone.
+FEW_CHANNELS = 3
 
 
 def _accumulation_dtype(dtype):
@@ -67,9 +67,9 @@ def evaluation_paths(w_shape, config) -> ConvPaths:
         return ConvPaths("depthwise", "depthwise", "per_tap")
     if groups > 1:
         return ConvPaths("xla", "xla", "per_tap")
-    forward = "im2col" if c_in <= IM2COL_FORWARD_MAX_CHANNELS else "xla"
-    few_channels = stride == (1, 1) and c_in <= COL2IM_INPUT_GRAD_MAX_CHANNELS
-    return ConvPaths(forward, "col2im" if few_channels else "xla", "xla")
+    if c_in > FEW_CHANNELS:
+        return ConvPaths("xla", "xla", "xla")
+    return ConvPaths("im2col", "col2im" if stride == (1, 1) else "xla", "xla")
 
 
 def _forward(x, w, config):
