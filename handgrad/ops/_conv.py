@@ -176,6 +176,7 @@ def _im2col_forward(x, w, config):
     out_hw = tuple((size - ((k - 1) * d + 1)) // s + 1
                    for size, k, d, s in zip(xp.shape[2:], (kh, kw), dilation, stride))
     index = _im2col_indices(xp.shape[2:], (kh, kw), out_hw, stride, dilation, c)
+    # (N, C·kh·kw, Ho·Wo); every index is in range by construction, so "clip" never clips.
     cols = jnp.take(xp.reshape(n, -1), jnp.asarray(index), axis=1, mode="clip")
     # W broadcast over the batch: a batched GEMM whose output is already (N, O, Ho·Wo) —
     # measured 15 % faster than one GEMM (O, N·Ho·Wo) followed by a transpose.
