@@ -98,8 +98,9 @@ def _compare(what, got, want, tol) -> Comparison:
     # Non-finite entries must match exactly (the same inf, or NaN for NaN); they never enter
     # the scale, so one inf in the reference cannot make the tolerance infinite.
     same_special = (got == want) | (np.isnan(got) & np.isnan(want))
-    diff = np.where(finite, np.abs(np.where(finite, got - want, 0.0)),
-                    np.where(same_special, 0.0, np.inf))
+    # The subtraction only on finite pairs: inf − inf would warn (and be thrown away anyway).
+    finite_diff = np.abs(np.where(finite, got, 0.0) - np.where(finite, want, 0.0))
+    diff = np.where(finite, finite_diff, np.where(same_special, 0.0, np.inf))
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.ndim else ()
     max_abs = float(diff[worst]) if diff.ndim else float(diff)
     scale = float(np.max(np.abs(np.where(np.isfinite(want), want, 0.0))))
