@@ -720,19 +720,25 @@ def bf16_vs_f32(fn, args, ct):
     return (out16, *grads16), (out32, *grads32)
 
 
-def test_conv2d_bfloat16_within_tolerance_of_float32():
+@pytest.mark.parametrize("x_shape, w_shape, kwargs", [
+    ((2, 3, 10, 9), (4, 3, 3, 3), dict()),  # few channels: im2col forward, col2im dx
+    ((2, 3, 10, 9), (4, 3, 3, 3), dict(stride=2, padding=1)),
+    ((2, 9, 8, 7), (4, 9, 3, 3), dict(padding=1)),  # XLA's convolutions
+    ((2, 6, 7, 8), (5, 6, 1, 1), dict(stride=2)),  # 1×1: batched GEMMs
+    ((2, 4, 9, 8), (8, 1, 3, 3), dict(groups=4, padding=1)),  # depthwise, multiplier 2
+], ids=str)
+def test_conv2d_bfloat16_within_tolerance_of_float32(x_shape, w_shape, kwargs):
+    """Every evaluation path (derivations §4.6) accumulates 16-bit inputs in float32."""
     rng = np.random.default_rng(18)
-    x = rng.standard_normal((2, 3, 10, 9))
-    w = rng.standard_normal((4, 3, 3, 3)) / 3
-    b = rng.standard_normal(4)
-    for kwargs in (dict(), dict(stride=2, padding=1)):
-        out_shape = jax.eval_shape(lambda x, w, b, kw=kwargs: hg.conv2d(x, w, b, **kw),
-                                   x, w, b).shape
-        ct = rng.standard_normal(out_shape)
-        got, want = bf16_vs_f32(lambda x, w, b, kw=kwargs: hg.conv2d(x, w, b, **kw),
-                                (x, w, b), ct)
-        for name, a, c in zip(("out", "dx", "dw", "db"), got, want):
-            assert_close(a.astype(jnp.float32), c, BF16_REL, what=f"{kwargs} {name}")
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))
+    b = rng.standard_normal(w_shape[0])
+    out_shape = jax.eval_shape(lambda x, w, b: hg.conv2d(x, w, b, **kwargs), x, w, b).shape
+    ct = rng.standard_normal(out_shape)
+    got, want = bf16_vs_f32(lambda x, w, b: hg.conv2d(x, w, b, **kwargs), (x, w, b), ct)
+    for name, a, c in zip(("out", "dx", "dw", "db"), got, want):
+        assert a.dtype == jnp.bfloat16, f"{name} came back as {a.dtype}"
+        assert_close(a.astype(jnp.float32), c, BF16_REL, what=f"{kwargs} {name}")
 
 
 @pytest.mark.parametrize("kwargs", [dict(window=2), dict(window=3, stride=1, padding=1)],
