@@ -228,10 +228,15 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
     """derivations §4.6: each formula has several evaluations chosen by shape; the registry's
     cases (checked against autodiff and finite differences in test_ops) must reach all of
     them, so that a threshold change cannot leave a path untested."""
+    from handgrad.ops import _conv
+
     paths = _conv_paths_of_registered_cases()
-    assert {p.forward for p in paths} == {"pointwise", "im2col", "depthwise", "xla"}
-    assert {p.input_grad for p in paths} == {"pointwise", "col2im", "depthwise", "xla"}
-    assert {p.weight_grad for p in paths} == {"pointwise", "xla", "per_tap"}
+    assert {p.forward for p in paths} == set(_conv._FORWARD) == {
+        "pointwise", "im2col", "depthwise", "xla"}
+    assert {p.input_grad for p in paths} == set(_conv._INPUT_GRAD) == {
+        "pointwise", "col2im", "depthwise", "xla"}
+    assert {p.weight_grad for p in paths} == set(_conv._WEIGHT_GRAD) == {
+        "pointwise", "xla", "per_tap"}
 
 
 WORKED_X = np.array([[1, 2, 0, 1], [0, 1, 3, 1], [2, 1, 0, 2], [1, 0, 1, 3]], float)

@@ -74,14 +74,11 @@ def evaluation_paths(w_shape, config) -> ConvPaths:
 
 
 def _forward(x, w, config):
+    return _FORWARD[evaluation_paths(w.shape, config).forward](x, w, config)
+
+
+def _xla_forward(x, w, config):
     stride, padding, dilation, groups, _ = config
-    path = evaluation_paths(w.shape, config).forward
-    if path == "pointwise":
-        return _pointwise_forward(x, w, config)
-    if path == "im2col":
-        return _im2col_forward(x, w, config)
-    if path == "depthwise":
-        return _depthwise_forward(x, w, config)
     return lax.conv_general_dilated(
         x, w, window_strides=stride, padding=padding, rhs_dilation=dilation,
         dimension_numbers=_DIMENSIONS, feature_group_count=groups,
@@ -129,7 +126,7 @@ def _pointwise_input_grad(g, w, config):
     return _windows.crop_spatial(dxp, padding, in_hw).astype(g.dtype)
 
 
-def _pointwise_weight_grad(x, g, config):
+def _pointwise_weight_grad(x, g, w_shape, config):
     """dW = Σ_n g_n·X_nᵀ: one GEMM per image, then the sum over the batch.
 
     (One contraction over (n, pixels) at once measured 2× slower on CPU: XLA transposes
@@ -252,15 +249,14 @@ def rotate_180_swap_io(w, groups: int):
 
 
 def conv2d_input_grad(g, w, config):
-    """dx = dilate_s(g), padded for a full convolution, ⋆ rot180(w) with in/out swapped."""
+    """dx = dilate_s(g), padded for a full convolution, ⋆ rot180(w) with in/out swapped —
+    evaluated as :func:`evaluation_paths` says (derivations §4.6)."""
+    return _INPUT_GRAD[evaluation_paths(w.shape, config).input_grad](g, w, config)
+
+
+def _full_convolution_input_grad(g, w, config):
+    """seed 004's δ_prev = pad(dilate_s(δ)) ⋆ rot180(w), as one XLA convolution."""
     stride, padding, dilation, groups, in_hw = config
-    path = evaluation_paths(w.shape, config).input_grad
-    if path == "pointwise":
-        return _pointwise_input_grad(g, w, config)
-    if path == "col2im":
-        return _col2im_input_grad(g, w, config)
-    if path == "depthwise":
-        return _depthwise_input_grad(g, w, config)
     kernel_eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
     full_pads = []
     for size, k, s, (lo, hi) in zip(in_hw, kernel_eff, stride, padding):
@@ -309,33 +305,30 @@ def _col2im_input_grad(g, w, config):
 
 
 def conv2d_weight_grad(x, g, w_shape, config):
-    """dw[o, c, a, b] = Σ_{n,i,j} g[n, o, i, j] · x_pad[n, c, i·s + a·d, j·s + b·d] (seed 004).
+    """dw[o, c, a, b] = Σ_{n,i,j} g[n, o, i, j] · x_pad[n, c, i·s + a·d, j·s + b·d] (seed 004),
+    evaluated as :func:`evaluation_paths` says (derivations §4.6)."""
+    return _WEIGHT_GRAD[evaluation_paths(w_shape, config).weight_grad](x, g, w_shape, config)
 
-    groups = 1: that sum *is* a convolution — of the padded input (batch ↔ channel axes
-    swapped, so the sum runs over n) with the error map as the kernel, dilated by the stride,
-    moving in steps of the dilation. groups > 1: XLA:CPU would lower that convolution to an
-    expanded batch-group convolution (30-50× slower), so the sum is written per kernel offset
-    instead — see :func:`_grouped_weight_grad`. Both chosen by measurement
-    (docs/benchmarks.md).
+
+def _convolution_weight_grad(x, g, w_shape, config):
+    """groups = 1: the sum for dw *is* a convolution — of the padded input (batch ↔ channel
+    axes swapped, so the sum runs over n) with the error map as the kernel, dilated by the
+    stride, moving in steps of the dilation. (groups > 1: XLA:CPU would lower that convolution
+    to an expanded batch-group convolution, 30-50× slower — see :func:`_grouped_weight_grad`.)
     """
     stride, padding, dilation, _, in_hw = config
-    path = evaluation_paths(w_shape, config).weight_grad
-    if path == "pointwise":
-        return _pointwise_weight_grad(x, g, config)
-    if path == "xla":
-        pads = []
-        for size, k, s, d, (lo, hi), out in zip(in_hw, w_shape[2:], stride, dilation, padding,
-                                                g.shape[2:]):
-            # Rows past the last window (the stride's remainder) were never read: crop them
-            # from the high padding (negative = into the input), so the convolution yields
-            # exactly k taps. Slicing extra taps off afterwards measured 2x slower.
-            read = (out - 1) * s + (k - 1) * d + 1
-            pads.append((lo, hi - (size + lo + hi - read)))
-        return lax.conv_general_dilated(
-            x, g, window_strides=dilation, padding=pads, rhs_dilation=stride,
-            dimension_numbers=("CNHW", "IOHW", "CNHW"),
-        )
-    return _grouped_weight_grad(x, g, w_shape, config)
+    pads = []
+    for size, k, s, d, (lo, hi), out in zip(in_hw, w_shape[2:], stride, dilation, padding,
+                                            g.shape[2:]):
+        # Rows past the last window (the stride's remainder) were never read: crop them
+        # from the high padding (negative = into the input), so the convolution yields
+        # exactly k taps. Slicing extra taps off afterwards measured 2x slower.
+        read = (out - 1) * s + (k - 1) * d + 1
+        pads.append((lo, hi - (size + lo + hi - read)))
+    return lax.conv_general_dilated(
+        x, g, window_strides=dilation, padding=pads, rhs_dilation=stride,
+        dimension_numbers=("CNHW", "IOHW", "CNHW"),
+    )
 
 
 def _grouped_weight_grad(x, g, w_shape, config):
@@ -359,6 +352,15 @@ def _grouped_weight_grad(x, g, w_shape, config):
         rows.append(jnp.stack(row, axis=-1))
     dw = jnp.stack(rows, axis=-2)  # (G, O/G, C/G, kh, kw)
     return dw.reshape(o, cg, kh, kw)
+
+
+# Each formula's evaluations, keyed by the names evaluation_paths() returns.
+_FORWARD = {"pointwise": _pointwise_forward, "im2col": _im2col_forward,
+            "depthwise": _depthwise_forward, "xla": _xla_forward}
+_INPUT_GRAD = {"pointwise": _pointwise_input_grad, "col2im": _col2im_input_grad,
+               "depthwise": _depthwise_input_grad, "xla": _full_convolution_input_grad}
+_WEIGHT_GRAD = {"pointwise": _pointwise_weight_grad, "xla": _convolution_weight_grad,
+                "per_tap": _grouped_weight_grad}
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
