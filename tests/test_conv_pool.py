@@ -239,6 +239,36 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
         "pointwise", "xla", "per_tap"}
 
 
+@pytest.mark.parametrize("x_shape, w_shape, kwargs, convolutions, cpu_only_op", [
+    # im2col forward (a gather), col2im dx; dw stays XLA's convolution on CPU too
+    ((2, 1, 9, 9), (3, 1, 3, 3), dict(padding=1), {"cuda": 3, "cpu": 1}, "stablehlo.gather"),
+    # 1×1: batched GEMMs on CPU
+    ((2, 5, 6, 6), (3, 5, 1, 1), dict(), {"cuda": 3, "cpu": 0}, "stablehlo.dot_general"),
+    # depthwise stencil on CPU (dw is the per-tap contraction everywhere, §4.4)
+    ((2, 4, 9, 9), (4, 1, 3, 3), dict(groups=4, padding=1), {"cuda": 2, "cpu": 0}, None),
+])
+def test_cpu_tuned_conv_paths_lower_to_xla_convolutions_elsewhere(
+        x_shape, w_shape, kwargs, convolutions, cpu_only_op):
+    """The paths of derivations §4.6 were measured on CPU only: lowered for a GPU, the
+    forward and VJP must be XLA's convolutions (cuDNN); lowered for the CPU, the paths."""
+    from jax import export
+
+    def forward_and_vjp(x, w, ct):
+        z, backward = jax.vjp(lambda x, w: hg.conv2d(x, w, **kwargs), x, w)
+        return z, backward(ct)
+
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
+    ct = jax.eval_shape(lambda x, w: hg.conv2d(x, w, **kwargs), x, w)
+    programs = {platform: export.export(jax.jit(forward_and_vjp), platforms=[platform])(
+        x, w, ct).mlir_module() for platform in ("cuda", "cpu")}
+    for platform, program in programs.items():
+        assert program.count("stablehlo.convolution") == convolutions[platform], platform
+    if cpu_only_op:
+        assert cpu_only_op in programs["cpu"]
+        assert cpu_only_op not in programs["cuda"]
+
+
 WORKED_X = np.array([[1, 2, 0, 1], [0, 1, 3, 1], [2, 1, 0, 2], [1, 0, 1, 3]], float)
 WORKED_W = np.array([[1, 2], [-1, 0]], float)
 

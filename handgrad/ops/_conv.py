@@ -73,8 +73,32 @@ def evaluation_paths(w_shape, config) -> ConvPaths:
     return ConvPaths("im2col", "col2im" if stride == (1, 1) else "xla", "xla")
 
 
+# The paths were chosen by measurement on CPU only. Elsewhere (GPU, TPU) XLA's convolutions
+# (cuDNN on NVIDIA) stay until measured there: `lax.platform_dependent` keeps both branches in
+# the traced program and lowering keeps only the one for the platform it lowers for.
+# Grouped dw's per-tap path is used everywhere (it predates this table, derivations §4.4).
+_CPU_ONLY = frozenset({"pointwise", "im2col", "col2im", "depthwise"})
+
+
+def _on_cpu(path, table, arrays, statics):
+    """table[path] on CPU; table["xla"] on other platforms when the path was tuned on CPU."""
+    def evaluate(key):
+        return lambda *a: table[key](*a, *statics)
+
+    if path not in _CPU_ONLY:
+        return evaluate(path)(*arrays)
+    # Both branches must give the same dtype (e.g. dw of a 16-bit conv, accumulated in float32
+    # by the GEMM path): the CPU path's decides, the callers cast to the argument's anyway.
+    dtype = jax.eval_shape(evaluate(path), *arrays).dtype
+    return lax.platform_dependent(
+        *arrays,
+        cpu=lambda *a: evaluate(path)(*a).astype(dtype),
+        default=lambda *a: evaluate("xla")(*a).astype(dtype),
+    )
+
+
 def _forward(x, w, config):
-    return _FORWARD[evaluation_paths(w.shape, config).forward](x, w, config)
+    return _on_cpu(evaluation_paths(w.shape, config).forward, _FORWARD, (x, w), (config,))
 
 
 def _xla_forward(x, w, config):
@@ -251,7 +275,8 @@ def rotate_180_swap_io(w, groups: int):
 def conv2d_input_grad(g, w, config):
     """dx = dilate_s(g), padded for a full convolution, ⋆ rot180(w) with in/out swapped —
     evaluated as :func:`evaluation_paths` says (derivations §4.6)."""
-    return _INPUT_GRAD[evaluation_paths(w.shape, config).input_grad](g, w, config)
+    path = evaluation_paths(w.shape, config).input_grad
+    return _on_cpu(path, _INPUT_GRAD, (g, w), (config,))
 
 
 def _full_convolution_input_grad(g, w, config):
@@ -307,7 +332,8 @@ def _col2im_input_grad(g, w, config):
 def conv2d_weight_grad(x, g, w_shape, config):
     """dw[o, c, a, b] = Σ_{n,i,j} g[n, o, i, j] · x_pad[n, c, i·s + a·d, j·s + b·d] (seed 004),
     evaluated as :func:`evaluation_paths` says (derivations §4.6)."""
-    return _WEIGHT_GRAD[evaluation_paths(w_shape, config).weight_grad](x, g, w_shape, config)
+    path = evaluation_paths(w_shape, config).weight_grad
+    return _on_cpu(path, _WEIGHT_GRAD, (x, g), (w_shape, config))
 
 
 def _convolution_weight_grad(x, g, w_shape, config):
