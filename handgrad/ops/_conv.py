@@ -15,7 +15,8 @@ Backward, given the error map g = ∂J/∂z (N, O, Ho, Wo):
 
 Each formula is evaluated in the form measured fastest on CPU for its shape (derivations §4.6):
 1×1 kernels as batched GEMMs (the dense layer's rules per pixel), few input channels as
-im2col / col2im GEMMs, otherwise one XLA convolution per formula; grouped dw per kernel tap.
+im2col / col2im GEMMs, depthwise as per-channel stencils, otherwise one XLA convolution per
+formula; grouped dw per kernel tap. On GPU/TPU (unmeasured there) XLA's convolutions.
 
 Derivation: docs/derivations.md §4.
 """
