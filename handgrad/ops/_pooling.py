@@ -94,24 +94,23 @@ def _untile(tiled, in_hw):
 
 
 def _max_with_argmax(x, config):
-    """Running strict-`>` maximum over the k² strided slices: the max and its window index.
+    """The max of every window and its index within the window (the notes' "max id").
 
-    Strict `>` keeps the first maximum on ties (row-major within the window), as PyTorch does.
-    A NaN wins over any number (like XLA's max and PyTorch): the first NaN of a window is its
-    max id, so a NaN never disappears silently.
+    The k² strided slices (one per window offset, row-major) are stacked and reduced: `argmax`
+    keeps the *first* maximum on ties, as PyTorch does, and treats NaN as the largest value,
+    so a window's first NaN is its max id and its max is NaN — a NaN never disappears.
+
+    Reductions, not a running compare: XLA:CPU fuses an elementwise compare chain into the
+    backward's select and recomputes it for every input (forward+backward 14.6 ms at
+    (128, 32, 32, 32)); the reductions are computed once (3.2 ms). Alone the chain was faster
+    (1.4 vs 2.7 ms), but the forward alone is not how a training step runs.
     """
     window, stride, pads, _, out_hw = config
     xp = _windows.pad_spatial(x, pads, -jnp.inf)
-    best, index = None, None
-    for k, (a, b) in enumerate(_offsets(window)):
-        candidate = _windows.window_slice(xp, a, b, out_hw, stride)
-        if best is None:
-            best, index = candidate, jnp.zeros(candidate.shape, _index_dtype(window))
-            continue
-        take = (candidate > best) | (jnp.isnan(candidate) & ~jnp.isnan(best))
-        best = jnp.where(take, candidate, best)
-        index = jnp.where(take, jnp.asarray(k, index.dtype), index)
-    return best, index
+    candidates = jnp.stack([_windows.window_slice(xp, a, b, out_hw, stride)
+                            for a, b in _offsets(window)])
+    index = jnp.argmax(candidates, axis=0).astype(_index_dtype(window))
+    return jnp.max(candidates, axis=0), index
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
