@@ -222,16 +222,18 @@ def _torch_lenet_grad(params, x, y):
     return run
 
 
-def _model_variants(apply, init, batch_shape, n_classes, torch_builder):
+def _model_variants(apply, init, batch_shape, n_classes, torch_builder=None, hand_ops=hg):
+    """hand (``hand_ops``: handgrad, or a hybrid for the ablations) vs autodiff, and torch when
+    a builder is given and torch is importable."""
     def build():
         params = init()
         x = _normal(1, batch_shape)
         y = _labels(2, batch_shape[0], n_classes)
         variants = {
-            "hand": Variant(_model_grad_fn(apply, hg), (params, x, y)),
+            "hand": Variant(_model_grad_fn(apply, hand_ops), (params, x, y)),
             "autodiff": Variant(_model_grad_fn(apply, hg.reference), (params, x, y)),
         }
-        if torch is not None:
+        if torch is not None and torch_builder is not None:
             variants["torch"] = Variant(torch_builder(params, x, y), jit=False)
         return variants
 
@@ -249,26 +251,14 @@ def hybrid_ops(*hand_ops: str) -> types.SimpleNamespace:
     return ns
 
 
-def _ablation_build(apply, init, batch_shape, n_classes, hand_ops):
-    def build():
-        params = init()
-        x = _normal(1, batch_shape)
-        y = _labels(2, batch_shape[0], n_classes)
-        return {
-            "hand": Variant(_model_grad_fn(apply, hybrid_ops(*hand_ops)), (params, x, y)),
-            "autodiff": Variant(_model_grad_fn(apply, hg.reference), (params, x, y)),
-        }
-
-    return build
-
-
 def _model_ablations(name, apply, init, batch_shape, n_classes, groups):
     def diagnose():
         return [
             Workload(f"{name}/hand-{'+'.join(ops)}", "models-ablation",
                      f"{name} with only {', '.join(ops)} hand-written (the rest autodiff) vs "
                      "all autodiff", f"x {batch_shape}",
-                     _ablation_build(apply, init, batch_shape, n_classes, ops))
+                     _model_variants(apply, init, batch_shape, n_classes,
+                                     hand_ops=hybrid_ops(*ops)))
             for ops in groups
         ]
 

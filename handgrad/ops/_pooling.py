@@ -50,10 +50,6 @@ def _index_dtype(window):
     return jnp.int8 if n <= 127 else (jnp.int16 if n <= 32767 else jnp.int32)
 
 
-def _padded_hw(pads, in_hw):
-    return tuple(h + lo + hi for h, (lo, hi) in zip(in_hw, pads))
-
-
 # Windows that tile the input (stride = window, no padding; rows past the last window are
 # never read) make the backward a broadcast: view dx as (N, C, Ho, kh, Wo, kw) tiles, fill
 # each tile from its window's gradient, reshape, and zero-pad the unread remainder. Measured
@@ -133,7 +129,7 @@ def _max_pool2d_bwd(config, residuals, g):
         routed = jnp.where(_expand_to_tiles(index) == offsets, _expand_to_tiles(g),
                            jnp.zeros((), g.dtype))
         return (_untile(routed, in_hw).astype(dtype_witness.dtype),)
-    padded_hw = _padded_hw(pads, in_hw)
+    padded_hw = _windows.padded_size(pads, in_hw)
     dxp = None
     for k, (a, b) in enumerate(_offsets(window)):
         routed = jnp.where(index == k, g, jnp.zeros_like(g))  # the gradient goes to the max id
@@ -202,7 +198,7 @@ def _avg_pool2d_bwd(config, dtype_witness, g):
     if _tiles(config):
         tiled = jnp.broadcast_to(_expand_to_tiles(share), _tiled_shape(share, window))
         return (_untile(tiled, in_hw).astype(dtype_witness.dtype),)
-    padded_hw = _padded_hw(pads, in_hw)
+    padded_hw = _windows.padded_size(pads, in_hw)
     dxp = None
     for a, b in _offsets(window):
         piece = _windows.window_place(share, a, b, padded_hw, stride)

@@ -69,8 +69,7 @@ def output_size(
     op: str, x_shape, in_hw, kernel_eff, stride, padding: Padding, kernel_name: str
 ) -> tuple[int, int]:
     """(H + pad − k_eff) // s + 1 per spatial axis; raises if the window does not fit."""
-    out = []
-    for axis, (size, k, s, (lo, hi)) in enumerate(zip(in_hw, kernel_eff, stride, padding)):
+    for axis, (size, k, (lo, hi)) in enumerate(zip(in_hw, kernel_eff, padding)):
         padded = size + lo + hi
         if k > padded:
             dim = "height" if axis == 0 else "width"
@@ -79,8 +78,19 @@ def output_size(
                 f"the padded input ({padded} = {size} + {lo} + {hi}); x has shape "
                 f"{tuple(x_shape)}."
             )
-        out.append((padded - k) // s + 1)
-    return tuple(out)
+    return window_count(padded_size(padding, in_hw), kernel_eff, stride)
+
+
+def padded_size(padding: Padding, in_hw) -> tuple[int, int]:
+    """(H + top + bottom, W + left + right)."""
+    return tuple(size + lo + hi for size, (lo, hi) in zip(in_hw, padding))
+
+
+def window_count(padded_hw, kernel, stride, dilation=(1, 1)) -> tuple[int, int]:
+    """How many windows fit along each padded axis: (Hp − k_eff) // s + 1, no checks (for
+    configurations :func:`output_size` has already validated)."""
+    return tuple((size - ((k - 1) * d + 1)) // s + 1
+                 for size, k, s, d in zip(padded_hw, kernel, stride, dilation))
 
 
 def check_nchw(op: str, x) -> None:
