@@ -392,6 +392,8 @@ register(OpSpec(
         _conv_case((1, 3, 7, 5), (2, 3, 3, 3), stride=2, padding="SAME"),
         _conv_case((2, 2, 6, 6), (2, 2, 3, 2), padding=(2, 1)),
         _conv_case((2, 2, 9, 9), (3, 2, 3, 3), dilation=2),
+        # At the col2im bound (C = 8, stride 1): XLA's convolution forward, GEMM + col2im dx.
+        _conv_case((2, 8, 7, 6), (3, 8, 3, 2), padding=((1, 2), (0, 1)), dilation=(1, 2)),
         # More channels than the few-channel paths take: XLA's convolution forward and dx.
         _conv_case((2, 9, 7, 6), (3, 9, 3, 2), stride=(2, 1), padding=((1, 0), (2, 1))),
         _conv_case((1, 10, 6, 7), (2, 10, 2, 3), dilation=(2, 1), bias=False),

@@ -242,6 +242,8 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
 @pytest.mark.parametrize("x_shape, w_shape, kwargs, convolutions, cpu_only_op", [
     # im2col forward (a gather), col2im dx; dw stays XLA's convolution on CPU too
     ((2, 1, 9, 9), (3, 1, 3, 3), dict(padding=1), {"cuda": 3, "cpu": 1}, "stablehlo.gather"),
+    # 4–8 input channels: XLA's forward and dw, GEMM + col2im dx on CPU
+    ((2, 6, 8, 8), (4, 6, 3, 3), dict(), {"cuda": 3, "cpu": 2}, "stablehlo.dot_general"),
     # 1×1: batched GEMMs on CPU
     ((2, 5, 6, 6), (3, 5, 1, 1), dict(), {"cuda": 3, "cpu": 0}, "stablehlo.dot_general"),
     # depthwise stencil on CPU (dw is the per-tap contraction everywhere, §4.4)
@@ -758,6 +760,7 @@ def bf16_vs_f32(fn, args, ct):
 @pytest.mark.parametrize("x_shape, w_shape, kwargs", [
     ((2, 3, 10, 9), (4, 3, 3, 3), dict()),  # few channels: im2col forward, col2im dx
     ((2, 3, 10, 9), (4, 3, 3, 3), dict(stride=2, padding=1)),
+    ((2, 6, 8, 7), (4, 6, 3, 3), dict(padding=1)),  # XLA forward, col2im dx
     ((2, 9, 8, 7), (4, 9, 3, 3), dict(padding=1)),  # XLA's convolutions
     ((2, 6, 7, 8), (5, 6, 1, 1), dict(stride=2)),  # 1×1: batched GEMMs
     ((2, 4, 9, 8), (8, 1, 3, 3), dict(groups=4, padding=1)),  # depthwise, multiplier 2

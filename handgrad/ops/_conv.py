@@ -40,11 +40,15 @@ _DIMENSIONS = ("NCHW", "OIHW", "NCHW")
 
 # XLA:CPU's convolution is slow when a group has few input channels (LeNet's first layer has
 # one): its GEMM contracts over only C·kh·kw. For groups = 1 and at most this many input
-# channels, the forward is an explicit im2col + GEMM and (stride 1) dx an explicit GEMM +
-# col2im — chosen by measurement on CPU, inside LeNet-5 and not only alone: at C = 6 the
-# col2im dx was 2× faster alone but cost LeNet-5's step 2.5–5 ms (three runs), and the
-# im2col forward loses 1.5× to XLA's convolution alone.
+# channels the forward is an explicit im2col + GEMM — chosen by measurement on CPU, inside
+# LeNet-5 and not only alone: at C = 6 the im2col forward loses 1.5× to XLA's convolution.
 FEW_CHANNELS = 3
+# dx is the convolution with the in/out channels swapped, so there XLA's GEMM is narrow in
+# C, the *output* features: for groups = 1, stride 1 and at most this many input channels dx is
+# a GEMM + col2im. Measured on CPU (interleaved, dx alone): 0.12–0.18 of XLA's time at C = 1,
+# 0.36–0.40 at C = 6 (LeNet-5's conv2: its whole step 15 → 11 ms), 0.85 at C = 8; but 1.30 at
+# C = 12, 0.9–1.2 at C = 16–64 and 1.3–2.5 with stride 2 at C = 6–8, so those keep XLA's.
+COL2IM_CHANNELS = 8
 
 
 class ConvPaths(NamedTuple):
@@ -65,9 +69,9 @@ def evaluation_paths(w_shape, config) -> ConvPaths:
         return ConvPaths("depthwise", "depthwise", "per_tap")
     if groups > 1:
         return ConvPaths("xla", "xla", "per_tap")
-    if c_in > FEW_CHANNELS:
-        return ConvPaths("xla", "xla", "xla")
-    return ConvPaths("im2col", "col2im" if stride == (1, 1) else "xla", "xla")
+    input_grad = "col2im" if stride == (1, 1) and c_in <= COL2IM_CHANNELS else "xla"
+    forward = "im2col" if c_in <= FEW_CHANNELS else "xla"
+    return ConvPaths(forward, input_grad, "xla")
 
 
 # The paths were chosen by measurement on CPU only. Elsewhere (GPU, TPU) XLA's convolutions
@@ -296,29 +300,36 @@ def _full_convolution_input_grad(g, w, config):
 
 
 def _col2im_input_grad(g, w, config):
-    """The same dx, scattered instead of gathered (groups = 1, stride 1, few input channels).
+    """The same dx, scattered instead of gathered (groups = 1, stride 1): a GEMM, then col2im.
 
-    One batched GEMM gives every window's contribution,
-    ``cols[n, c, a, b, i, j] = Σ_o w[o, c, a, b]·g[n, o, i, j]``, and each kernel offset's
+    One GEMM gives every window's contribution,
+    ``cols[a, b, c, (n, i, j)] = Σ_o w[o, c, a, b]·g[n, o, i, j]``, and each kernel offset's
     block is added back where its window slice came from — seed 004's
-    ∂E/∂y_prev[i + a, j + b] += δ[i, j]·w[a, b] — then the padding is cropped. The adds are
-    in-place ``dynamic_update_slice``s of one buffer: as a sum of kh·kw zero-padded blocks
-    XLA:CPU materialized every block separately inside LeNet-5 (1.6× slower than its own
-    convolution there, though 1.4× faster alone).
+    ∂E/∂y_prev[i + a·d, j + b·d] += δ[i, j]·w[a, b] — then the padding is cropped.
+
+    Measured choices (CPU, derivations §4.6):
+
+    * channel-major layout: the GEMM is ``(kh·kw·C, O) @ (O, N·Ho·Wo)``, so the block of each
+      offset (a, b) is one contiguous (C, N, Ho, Wo) slab, added into a (C, N, Hp, Wp) buffer
+      that is transposed to NCHW once at the end. With the blocks strided inside an
+      (N, C, kh, kw, Ho, Wo) array, the same adds cost LeNet-5 2.5–5 ms instead of saving 3;
+    * in-place ``dynamic_update_slice`` adds into one buffer, not a sum of kh·kw zero-padded
+      blocks, which XLA:CPU materializes one by one (5–7× slower).
     """
     _, padding, dilation, _, in_hw = config
     o, c, kh, kw = w.shape
     n, _, ho, wo = g.shape
-    cols = jnp.einsum("nok,nop->nkp", _batched(w.reshape(o, -1), n), g.reshape(n, o, ho * wo),
-                      preferred_element_type=accumulation_dtype(g.dtype))
-    cols = cols.reshape(n, c, kh, kw, ho, wo)
-    padded_hw = _windows.padded_size(padding, in_hw)
-    dx_padded = jnp.zeros((n, c, *padded_hw), cols.dtype)
+    w_rows = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, o)  # row (a, b, c)
+    g_columns = g.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)  # column (n, i, j)
+    cols = jnp.matmul(w_rows, g_columns, preferred_element_type=accumulation_dtype(g.dtype))
+    cols = cols.reshape(kh, kw, c, n, ho, wo)
+    dx_padded = jnp.zeros((c, n, *_windows.padded_size(padding, in_hw)), cols.dtype)
     for a in range(kh):
         for b in range(kw):
             at = (0, 0, a * dilation[0], b * dilation[1])
-            block = lax.dynamic_slice(dx_padded, at, (n, c, ho, wo)) + cols[:, :, a, b]
+            block = lax.dynamic_slice(dx_padded, at, cols.shape[2:]) + cols[a, b]
             dx_padded = lax.dynamic_update_slice(dx_padded, block, at)
+    dx_padded = dx_padded.transpose(1, 0, 2, 3)
     return _windows.crop_spatial(dx_padded, padding, in_hw).astype(g.dtype)
 
 
