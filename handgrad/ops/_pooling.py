@@ -16,6 +16,8 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from handgrad import _checks
 from handgrad.ops import _windows
@@ -89,24 +91,61 @@ def _untile(tiled, in_hw):
 # --- max pooling ---------------------------------------------------------------------------
 
 
+def _first_max(left, right):
+    """Reducer of (value, index) pairs: the larger value, the smaller index on ties, and NaN
+    above every number (the first NaN wins) — associative and commutative, as XLA requires."""
+    (left_value, left_index), (right_value, right_index) = left, right
+    left_nan, right_nan = jnp.isnan(left_value), jnp.isnan(right_value)
+    left_first = left_index < right_index
+    take_left = jnp.where(
+        left_nan | right_nan,
+        left_nan & (~right_nan | left_first),
+        (left_value > right_value) | ((left_value == right_value) & left_first),
+    )
+    return (jnp.where(take_left, left_value, right_value),
+            jnp.where(take_left, left_index, right_index))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _max_with_argmax(x, config):
     """The max of every window and its index within the window (the notes' "max id").
 
-    The k² strided slices (one per window offset, row-major) are stacked and reduced: `argmax`
-    keeps the *first* maximum on ties, as PyTorch does, and treats NaN as the largest value,
-    so a window's first NaN is its max id and its max is NaN — a NaN never disappears.
+    The k² strided slices (one per window offset, row-major) are stacked and reduced once,
+    as (value, index) pairs: the *first* maximum wins ties, as PyTorch's, and NaN counts as
+    the largest value, so a window's first NaN is its max id and its max is NaN — a NaN never
+    disappears.
 
-    Reductions, not a running compare: XLA:CPU fuses an elementwise compare chain into the
-    backward's select and recomputes it for every input (forward+backward 14.6 ms at
-    (128, 32, 32, 32)); the reductions are computed once (3.2 ms). Alone the chain was faster
-    (1.4 vs 2.7 ms), but the forward alone is not how a training step runs.
+    Measured choices (XLA:CPU): reductions, not a running compare — XLA fused an elementwise
+    compare chain into the backward's select and recomputed it for every input
+    (forward+backward 14.6 ms at (128, 32, 32, 32), 3.2 ms with reductions); and one
+    reduction of pairs, not ``jnp.max`` beside ``jnp.argmax`` — XLA fuses the layer before
+    (relu, a convolution's bias) into each reduction that reads it, so two reductions
+    computed it twice.
     """
     window, stride, pads, _, out_hw = config
     xp = _windows.pad_spatial(x, pads, -jnp.inf)
+    offsets = _offsets(window)
     candidates = jnp.stack([_windows.window_slice(xp, a, b, out_hw, stride)
-                            for a, b in _offsets(window)])
-    index = jnp.argmax(candidates, axis=0).astype(_index_dtype(window))
-    return jnp.max(candidates, axis=0), index
+                            for a, b in offsets])
+    index_dtype = _index_dtype(window)
+    positions = lax.broadcasted_iota(index_dtype, candidates.shape, 0)
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(len(offsets), index_dtype))
+    return lax.reduce((candidates, positions), init, _first_max, (0,))
+
+
+@_max_with_argmax.defjvp
+def _max_with_argmax_jvp(config, primals, tangents):
+    """The max's tangent is the input's tangent at the max id (JAX has no JVP rule for a
+    reduction of pairs; grad-of-grad differentiates the forward through this)."""
+    (x,), (x_dot,) = primals, tangents
+    out, index = _max_with_argmax(x, config)
+    window, stride, pads, _, out_hw = config
+    x_dot_padded = _windows.pad_spatial(x_dot, pads, 0)
+    out_dot = sum(
+        jnp.where(index == k, _windows.window_slice(x_dot_padded, a, b, out_hw, stride),
+                  jnp.zeros((), x_dot.dtype))
+        for k, (a, b) in enumerate(_offsets(window)))
+    return (out, index), (out_dot, np.zeros(index.shape, jax.dtypes.float0))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
