@@ -238,6 +238,10 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
     the epoch and step.
 
     Args:
+      checkpoint_path: where parameters, optimizer state and epoch are saved after every epoch.
+      resume: continue from ``checkpoint_path`` when it exists; when it does not yet (the
+        first run of a job that always passes ``resume=True``), start at epoch 0 and say so
+        through ``log``. Needs ``checkpoint_path``.
       stop_after_epoch: end early after this epoch (simulates an interruption in tests).
       state: the initial model state of a stateful model (batch-norm statistics, dropout
         key); then ``loss_fn`` is stateful (see :func:`make_train_step`) and
@@ -255,9 +259,14 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
     stateful = state is not None
     if stateful and eval_loss_fn is None:
         raise ValueError("fit: a stateful model needs `eval_loss_fn` (its evaluation mode)")
+    if resume and checkpoint_path is None:
+        raise ValueError("fit: resume=True needs `checkpoint_path`, the checkpoint to continue")
     opt_state = optimizer.init(params)
     start_epoch, history = 0, History()
-    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
+    if resume and not Path(checkpoint_path).is_file():
+        if log:
+            log(f"no checkpoint at {checkpoint_path} yet: starting from epoch 0")
+    elif resume:
         saved = load_checkpoint(checkpoint_path, _checkpoint(params, opt_state, state, 0))
         params, opt_state, state = saved["params"], saved["opt_state"], saved.get("state")
         start_epoch = int(saved["epoch"])

@@ -414,6 +414,22 @@ def test_resumed_fit_is_bit_identical_to_an_uninterrupted_one(tmp_path, small):
     assert [e["epoch"] for e in again.epochs] == [1, 2]
 
 
+def test_fit_resume_without_a_checkpoint_yet_starts_fresh_and_says_so(tmp_path, small):
+    fit = functools.partial(train.fit, optimizer=optax.sgd(0.1),
+                            loss_fn=models.classification_loss(models.mlp), data=small,
+                            epochs=1, batch_size=32, seed=5, progress=False)
+    path = tmp_path / "first-run.npz"
+    logged = []
+    params, _, history = fit(init_params("mlp"), checkpoint_path=path, resume=True,
+                             log=logged.append)
+    assert logged[0] == f"no checkpoint at {path} yet: starting from epoch 0"
+    assert [e["epoch"] for e in history.epochs] == [1] and path.is_file()
+    fresh_params, _, _ = fit(init_params("mlp"))
+    assert_trees_bit_identical(params, fresh_params)
+    with pytest.raises(ValueError, match=r"fit: resume=True needs `checkpoint_path`"):
+        fit(init_params("mlp"), resume=True)
+
+
 # --- 5. evaluate ---------------------------------------------------------------------------------
 
 
