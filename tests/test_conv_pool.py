@@ -471,6 +471,33 @@ def test_max_pool_propagates_nan_like_the_reference(position):
     assert dx[(0, 0, *position)] == 1 and float(jnp.sum(dx)) == 1
 
 
+@pytest.mark.parametrize("window_values, winner", [
+    ([1.0, np.nan, 3.0, np.nan], (0, 1)),  # two NaNs: the first one wins
+    ([np.nan, 2.0, np.nan, 5.0], (0, 0)),
+    ([np.nan] * 4, (0, 0)),  # all NaN: the first
+    ([-np.inf] * 4, (0, 0)),  # all −inf (no padding involved): the first
+    ([-np.inf, -np.inf, -7.0, -np.inf], (1, 0)),
+    ([-0.0, 0.0, 0.0, -0.0], (0, 0)),  # −0 == +0: a tie, the first wins
+    ([np.inf, 1.0, np.inf, np.nan], (1, 1)),  # NaN beats +inf
+])
+@pytest.mark.parametrize("stride", [2, 1], ids=["tiling", "overlapping"])
+def test_max_pool_special_values_route_to_the_first_winner(window_values, winner, stride):
+    """The (value, index) reduction's order: NaN above every number (first NaN wins), then
+    the value, then the first position — checked on the forward value and on where the
+    gradient goes, for tiling windows and for overlapping ones (other backward)."""
+    x = np.full((1, 1, 2, 2), 0.0)
+    x[0, 0] = np.reshape(window_values, (2, 2))
+    y, dx = pool_vjp(hg.max_pool2d, x, np.ones((1, 1, 1, 1)), window=2, stride=stride)
+    winning_value = x[(0, 0, *winner)]
+    if np.isnan(winning_value):
+        assert np.isnan(y).all()
+    else:
+        np.testing.assert_array_equal(y, [[[[winning_value]]]])
+    want = np.zeros_like(x)
+    want[(0, 0, *winner)] = 1.0
+    np.testing.assert_array_equal(dx, want)
+
+
 # --- 4. what the max pool saves: the small integer index, not the input ---------------------
 
 

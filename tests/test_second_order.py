@@ -165,12 +165,12 @@ JVP_MESSAGE = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
 
 # jax.hessian = jacfwd(jacrev(f)). In JAX 0.10 the reverse pass of a custom_vjp is traced as a
 # `custom_lin` whose transpose simply calls the hand backward, so the outer forward mode only
-# reaches a custom_vjp (and raises) when a residual carries an x-tangent or when `_fwd` calls
-# the custom_vjp op itself. max_pool2d's `_fwd` computes the max directly and keeps only the
-# integer argmax (plus a constant zero-size witness); softmax_cross_entropy's keeps the logits
-# and their log-sum-exp, computed in plain JAX — nothing for forward mode to trip on, so
-# jax.hessian happens to work there (and is checked against the reference's). jax.jvp (hence
-# jax.jacfwd) always raises.
+# reaches a custom_vjp (and raises) when `_fwd` or `_bwd` calls a custom_vjp op (the op itself
+# or another one, e.g. a loss's `_fwd` calling log_softmax). max_pool2d's `_fwd` computes the
+# max directly and keeps only the integer argmax (plus a constant zero-size witness);
+# softmax_cross_entropy's keeps the logits and their log-sum-exp, computed in plain JAX —
+# nothing for forward mode to trip on, so jax.hessian happens to work there (and is checked
+# against the reference's). jax.jvp (hence jax.jacfwd) always raises.
 JAX_HESSIAN_SUCCEEDS = {"max_pool2d", "softmax_cross_entropy"}
 # One op per family (the first that raises), and the exceptions.
 FORWARD_MODE_PARAMS = [

@@ -46,8 +46,10 @@ FEW_CHANNELS = 3
 # dx is the convolution with the in/out channels swapped, so there XLA's GEMM is narrow in
 # C, the *output* features: for groups = 1, stride 1 and at most this many input channels dx is
 # a GEMM + col2im. Measured on CPU (interleaved, dx alone): 0.12–0.18 of XLA's time at C = 1,
-# 0.36–0.40 at C = 6 (LeNet-5's conv2: its whole step 15 → 11 ms), 0.85 at C = 8; but 1.30 at
-# C = 12, 0.9–1.2 at C = 16–64 and 1.3–2.5 with stride 2 at C = 6–8, so those keep XLA's.
+# 0.36–0.40 at C = 6 (LeNet-5's conv2: bench ratio 0.71 → 0.61 back to back), 0.85 at C = 8;
+# but 1.30 at C = 12, 0.9–1.2 at C = 16–64 and 1.3–2.5 with stride 2 at C = 6–8, so those keep
+# XLA's. The price is a temporary of kh·kw × dx's size in float32 (LeNet-5's conv2: 7.3 MiB;
+# the compiled step's XLA temp 6.4 → 12.6 MiB, autodiff's is 23.4).
 COL2IM_CHANNELS = 8
 
 
@@ -129,7 +131,8 @@ def _pointwise_input(x, config):
 
 def _batched(w2d, n):
     """W broadcast over the batch, for batched GEMMs whose output is already (N, O, pixels) —
-    measured 15 % faster than one GEMM (O, N·pixels) followed by a transpose."""
+    measured 15 % faster than one GEMM (O, N·pixels) followed by a transpose. (col2im's dx is
+    the exception: its blocks must be contiguous per kernel offset, so it is one GEMM.)"""
     return jnp.broadcast_to(w2d[None], (n, *w2d.shape))
 
 
