@@ -263,10 +263,7 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
         raise ValueError("fit: resume=True needs `checkpoint_path`, the checkpoint to continue")
     opt_state = optimizer.init(params)
     start_epoch, history = 0, History()
-    if resume and not Path(checkpoint_path).is_file():
-        if log:
-            log(f"no checkpoint at {checkpoint_path} yet: starting from epoch 0")
-    elif resume:
+    if resume and Path(checkpoint_path).is_file():
         saved = load_checkpoint(checkpoint_path, _checkpoint(params, opt_state, state, 0))
         params, opt_state, state = saved["params"], saved["opt_state"], saved.get("state")
         start_epoch = int(saved["epoch"])
@@ -275,6 +272,8 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
             history.epochs = json.loads(history_file.read_text())[:start_epoch]
         if log:
             log(f"resumed from {checkpoint_path} after epoch {start_epoch}")
+    elif resume and log:
+        log(f"no checkpoint at {checkpoint_path} yet: starting from epoch 0")
     if mesh is not None:
         params, opt_state = replicate(params, mesh), replicate(opt_state, mesh)
         state = replicate(state, mesh) if stateful else None

@@ -225,17 +225,21 @@ def softmax(z, axis: int = -1):
 
 def log_sum_exp_parts(zf, axis):
     """(peak, log Σ_k exp(z_k − peak)) along ``axis`` (kept), peak = max z: log-sum-exp with the
-    max shifted out, finite for logits of any magnitude. Callers form
-    ``log_softmax(z) = (z − peak) − log_sum`` in that order: ``z − peak`` is exact near the
-    max, where ``z − (peak + log_sum)`` would lose log_sum's digits to a large peak."""
+    max shifted out, finite for logits of any magnitude. :func:`log_softmax_from_parts` puts
+    them together."""
     peak = jnp.max(zf, axis=axis, keepdims=True)
     return peak, jnp.log(jnp.sum(jnp.exp(zf - peak), axis=axis, keepdims=True))
 
 
+def log_softmax_from_parts(zf, peak, log_sum):
+    """log_softmax(z) = (z − peak) − log_sum, in that order: ``z − peak`` is exact near the
+    max, where ``z − (peak + log_sum)`` would lose log_sum's digits to a large peak."""
+    return (zf - peak) - log_sum
+
+
 def _log_softmax_forward(z, axis):
     zf = z.astype(accumulation_dtype(z.dtype))
-    peak, log_sum = log_sum_exp_parts(zf, axis)
-    return ((zf - peak) - log_sum).astype(z.dtype)
+    return log_softmax_from_parts(zf, *log_sum_exp_parts(zf, axis)).astype(z.dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))

@@ -13,7 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from handgrad import _checks
-from handgrad.ops._activations import _sigmoid, accumulation_dtype, log_sum_exp_parts
+from handgrad.ops._activations import (
+    _sigmoid,
+    accumulation_dtype,
+    log_softmax_from_parts,
+    log_sum_exp_parts,
+)
 
 
 def _batch_size(x) -> int:
@@ -54,7 +59,7 @@ def _log_softmax_parts(logits):
 def _softmax_ce_int_forward(logits, labels):
     zf, peak, log_sum = _log_softmax_parts(logits)
     picked = jnp.take_along_axis(zf, labels[:, None], axis=1, mode="clip")
-    logp_picked = (picked - peak) - log_sum  # log a[i, y_i]
+    logp_picked = log_softmax_from_parts(picked, peak, log_sum)  # log a[i, y_i]
     logp_picked = jnp.where(_label_in_range(labels, logits.shape[1]), logp_picked, jnp.nan)
     return _mean_over_batch(-logp_picked, _batch_size(logits), logits.dtype), (peak, log_sum)
 
@@ -73,7 +78,7 @@ def _softmax_ce_int_fwd(logits, labels):
 def _softmax_ce_int_bwd(residuals, g):
     logits, peak, log_sum, labels = residuals
     m = _batch_size(logits)
-    a = jnp.exp((_acc(logits) - peak) - log_sum)  # softmax
+    a = jnp.exp(log_softmax_from_parts(_acc(logits), peak, log_sum))  # softmax
     y = jax.nn.one_hot(labels, logits.shape[1], dtype=a.dtype)
     # The fused softmax + cross-entropy gradient: dz = (a − y)/m, scaled by the upstream g.
     dz = (g.astype(a.dtype) / m) * (a - y)
@@ -86,7 +91,7 @@ _softmax_ce_int.defvjp(_softmax_ce_int_fwd, _softmax_ce_int_bwd)
 
 def _softmax_ce_probs_forward(logits, labels):
     zf, peak, log_sum = _log_softmax_parts(logits)
-    logp = (zf - peak) - log_sum
+    logp = log_softmax_from_parts(zf, peak, log_sum)
     loss = _mean_over_batch(-_acc(labels) * logp, _batch_size(logits), logits.dtype)
     return loss, (peak, log_sum)
 
@@ -105,7 +110,7 @@ def _softmax_ce_probs_bwd(residuals, g):
     logits, peak, log_sum, y = residuals
     m = _batch_size(logits)
     scale = g.astype(accumulation_dtype(logits.dtype)) / m
-    logp = (_acc(logits) - peak) - log_sum
+    logp = log_softmax_from_parts(_acc(logits), peak, log_sum)
     a = jnp.exp(logp)
     # J = −(1/m) Σ y·log_softmax(z). With rows of y summing to s: dz = (s·a − y)/m, which is
     # (a − y)/m for probability rows. dy = −log_softmax(z)/m.
