@@ -232,16 +232,18 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
 
     paths = _conv_paths_of_registered_cases()
     assert {p.forward for p in paths} == set(_conv._FORWARD) == {
-        "pointwise", "im2col", "depthwise", "xla"}
+        "pointwise", "banded", "depthwise", "xla"}
     assert {p.input_grad for p in paths} == set(_conv._INPUT_GRAD) == {
         "pointwise", "col2im", "depthwise", "xla"}
     assert {p.weight_grad for p in paths} == set(_conv._WEIGHT_GRAD) == {
-        "pointwise", "xla", "per_tap"}
+        "pointwise", "banded", "xla", "per_tap"}
 
 
 @pytest.mark.parametrize("x_shape, w_shape, kwargs, convolutions, cpu_only_op", [
-    # im2col forward (a gather), col2im dx; dw stays XLA's convolution on CPU too
-    ((2, 1, 9, 9), (3, 1, 3, 3), dict(padding=1), {"cuda": 3, "cpu": 1}, "stablehlo.gather"),
+    # banded forward and dw, col2im dx: GEMMs on CPU
+    ((2, 1, 9, 9), (3, 1, 3, 3), dict(padding=1), {"cuda": 3, "cpu": 0}, "stablehlo.dot_general"),
+    # few input but many output channels: dw stays XLA's convolution on CPU
+    ((2, 1, 9, 9), (9, 1, 3, 3), dict(padding=1), {"cuda": 3, "cpu": 1}, "stablehlo.dot_general"),
     # 4–8 input channels: XLA's forward and dw, GEMM + col2im dx on CPU
     ((2, 6, 8, 8), (4, 6, 3, 3), dict(), {"cuda": 3, "cpu": 2}, "stablehlo.dot_general"),
     # 1×1: batched GEMMs on CPU
@@ -785,7 +787,7 @@ def bf16_vs_f32(fn, args, ct):
 
 
 @pytest.mark.parametrize("x_shape, w_shape, kwargs", [
-    ((2, 3, 10, 9), (4, 3, 3, 3), dict()),  # few channels: im2col forward, col2im dx
+    ((2, 3, 10, 9), (4, 3, 3, 3), dict()),  # few channels: banded forward and dw, col2im dx
     ((2, 3, 10, 9), (4, 3, 3, 3), dict(stride=2, padding=1)),
     ((2, 6, 8, 7), (4, 6, 3, 3), dict(padding=1)),  # XLA forward, col2im dx
     ((2, 9, 8, 7), (4, 9, 3, 3), dict(padding=1)),  # XLA's convolutions

@@ -15,8 +15,9 @@ Backward, given the error map g = ∂J/∂z (N, O, Ho, Wo):
 
 Each formula is evaluated in the form measured fastest on CPU for its shape (derivations §4.6):
 1×1 kernels as batched GEMMs (the dense layer's rules per pixel), few input channels as
-im2col / col2im GEMMs, depthwise as per-channel stencils, otherwise one XLA convolution per
-formula; grouped dw per kernel tap. On GPU/TPU (unmeasured there) XLA's convolutions.
+banded GEMMs (forward, dw) and GEMM + col2im (dx), depthwise as per-channel stencils,
+otherwise one XLA convolution per formula; grouped dw per kernel tap. On GPU/TPU (unmeasured
+there) XLA's convolutions.
 
 Derivation: docs/derivations.md §4.
 """
@@ -40,9 +41,13 @@ _DIMENSIONS = ("NCHW", "OIHW", "NCHW")
 
 # XLA:CPU's convolution is slow when a group has few input channels (LeNet's first layer has
 # one): its GEMM contracts over only C·kh·kw. For groups = 1 and at most this many input
-# channels the forward is an explicit im2col + GEMM — chosen by measurement on CPU, inside
-# LeNet-5 and not only alone: at C = 6 the im2col forward loses 1.5× to XLA's convolution.
+# channels the forward is one banded GEMM — chosen by measurement on CPU, inside LeNet-5 and
+# not only alone: at C = 6–12 XLA's forward is as fast or faster (1.1–2.8 vs 1.6–3.7 ms).
 FEW_CHANNELS = 3
+# dw by the banded GEMM too, when also the output channels are few: XLA's dw convolution is
+# then a narrow GEMM (LeNet-5's conv1, O = 6: 1.0–1.4 vs 2.5–2.8 ms); at O = 16 it was as
+# fast or faster (see _banded_weight_grad).
+FEW_OUTPUTS = 8
 # dx is the convolution with the in/out channels swapped, so there XLA's GEMM is narrow in
 # C, the *output* features: for groups = 1, stride 1 and at most this many input channels dx is
 # a GEMM + col2im. Measured on CPU (interleaved, dx alone): 0.12–0.18 of XLA's time at C = 1,
@@ -56,9 +61,9 @@ COL2IM_CHANNELS = 8
 class ConvPaths(NamedTuple):
     """How each formula is evaluated for one configuration (derivations §4.6)."""
 
-    forward: str  # "pointwise" | "im2col" | "depthwise" | "xla"
+    forward: str  # "pointwise" | "banded" | "depthwise" | "xla"
     input_grad: str  # "pointwise" | "col2im" | "depthwise" | "xla"
-    weight_grad: str  # "pointwise" | "xla" | "per_tap"
+    weight_grad: str  # "pointwise" | "banded" | "xla" | "per_tap"
 
 
 def evaluation_paths(w_shape, config) -> ConvPaths:
@@ -72,15 +77,16 @@ def evaluation_paths(w_shape, config) -> ConvPaths:
     if groups > 1:
         return ConvPaths("xla", "xla", "per_tap")
     input_grad = "col2im" if stride == (1, 1) and c_in <= COL2IM_CHANNELS else "xla"
-    forward = "im2col" if c_in <= FEW_CHANNELS else "xla"
-    return ConvPaths(forward, input_grad, "xla")
+    if c_in > FEW_CHANNELS:
+        return ConvPaths("xla", input_grad, "xla")
+    return ConvPaths("banded", input_grad, "banded" if w_shape[0] <= FEW_OUTPUTS else "xla")
 
 
 # The paths were chosen by measurement on CPU only. Elsewhere (GPU, TPU) XLA's convolutions
 # (cuDNN on NVIDIA) stay until measured there: `lax.platform_dependent` keeps both branches in
 # the traced program and lowering keeps only the one for the platform it lowers for.
 # Grouped dw's per-tap path is used everywhere (it predates this table, derivations §4.4).
-_CPU_ONLY = frozenset({"pointwise", "im2col", "col2im", "depthwise"})
+_CPU_ONLY = frozenset({"pointwise", "banded", "col2im", "depthwise"})
 
 
 def _on_cpu(path, table, arrays, statics):
@@ -168,45 +174,83 @@ def _pointwise_weight_grad(x, g, w_shape, config):
     return jnp.sum(per_image, axis=0).reshape(o, -1, 1, 1)
 
 
-# --- few input channels: im2col + GEMM forward, GEMM + col2im dx ---------------------------
+# --- few input channels: banded-GEMM forward and dw, GEMM + col2im dx ----------------------
+# Along the width, kernel row a of channel c is a 1-D correlation, i.e. a product with a banded
+# (Toeplitz) matrix. Cutting each output row into blocks of B columns makes the whole sum one
+# GEMM whose rows are (n, i, block) and whose contraction runs over (c, a, u), u the block's
+# input columns (derivations §4.6, "banded"). Compared with im2col (B = 1: one column per
+# tap) the gathered input is span/(B·kw) the size and is made of contiguous row pieces, and the
+# GEMM's output is O·B wide instead of O — at the price of span/kw times the multiply-adds.
 
 
-def _im2col_indices(padded_hw, kernel, out_hw, stride, dilation, channels):
-    """Flat positions into one image's padded (C, Hp, Wp) input: row (c, a, b), column (i, j)
-    holds the position of x_pad[c, i·s + a·d, j·s + b·d] — which entry each tap reads."""
-    (hp, wp), (kh, kw), (ho, wo) = padded_hw, kernel, out_hw
-    rows = (np.arange(kh) * dilation[0])[:, None, None, None] + \
-        (np.arange(ho) * stride[0])[None, None, :, None]
-    cols = (np.arange(kw) * dilation[1])[None, :, None, None] + \
-        (np.arange(wo) * stride[1])[None, None, None, :]
-    taps = (rows * wp + cols).reshape(kh * kw, ho * wo)
-    per_channel = np.arange(channels)[:, None, None] * (hp * wp) + taps[None]
-    return per_channel.reshape(channels * kh * kw, ho * wo).astype(np.int32)
+def _band_shape(out_w: int, kw: int, stride: int, dilation: int) -> tuple[int, int]:
+    """(B, span): output columns per block — the smallest divisor of Wo that is at least kw,
+    measured best on CPU (LeNet-5's 28 → 7; 32 → 4 for 3×3) — and the input columns a block
+    reads, (B − 1)·s + (kw − 1)·d + 1."""
+    block = next(b for b in range(1, out_w + 1) if out_w % b == 0 and b >= min(kw, out_w))
+    return block, (block - 1) * stride + (kw - 1) * dilation + 1
 
 
-def _im2col_forward(x, w, config):
-    """z[n] = W (O, C·kh·kw) @ cols[n] (C·kh·kw, Ho·Wo): the defining sum as one batched GEMM.
+def _band_pattern(span: int, block: int, kw: int, stride: int, dilation: int, dtype):
+    """P[u, t, b] = 1 where the block's output column t reads its input column u through
+    kernel column b (u = t·s + b·d), else 0: the band's shape, shared by W and dW."""
+    u, t, b = np.ix_(np.arange(span), np.arange(block), np.arange(kw))
+    return jnp.asarray(u == t * stride + b * dilation, dtype)
 
-    ``cols[n]`` holds, for every kernel tap (c, a, b), the entries that tap reads at every
-    output position (seed 004's y_prev[i + a, j + b]), gathered in one go by a static index
-    table. Measured choices (CPU, LeNet-5): a GEMM, not an elementwise sum of the C·kh·kw
-    slices — XLA:CPU fuses such a sum into each consumer (relu, a pool's window slices) and
-    recomputes it there (1.3× slower than autodiff, even behind ``lax.optimization_barrier``,
-    which XLA:CPU drops); and a gather, not a stack of the kh·kw slices — equal inside an
-    all-handgrad LeNet-5, but with plain-JAX pooling after it the stacked version made the
-    step 1.6× slower (35 vs 22 ms, reproducible), for reasons inside XLA's scheduling.
-    """
+
+def _band_rows(xp, kh, out_hw, block, span, stride, dilation):
+    """X[(n, i, q), (c, a, u)] = x_pad[n, c, i·s + a·d, q·B·s + u]: for each kernel row a and
+    block q, one strided slice of the padded input."""
+    n, c = xp.shape[:2]
+    (ho, wo), (sh, sw), dh = out_hw, stride, dilation[0]
+    blocks = wo // block
+    rows = []
+    for a in range(kh):
+        top, bottom = a * dh, a * dh + (ho - 1) * sh + 1
+        pieces = [lax.slice(xp, (0, 0, top, q * block * sw),
+                            (n, c, bottom, q * block * sw + span), (1, 1, sh, 1))
+                  for q in range(blocks)]
+        rows.append(jnp.stack(pieces, axis=3))  # (N, C, Ho, Q, span)
+    x_rows = jnp.stack(rows, axis=2)  # (N, C, kh, Ho, Q, span)
+    return x_rows.transpose(0, 3, 4, 1, 2, 5).reshape(n * ho * blocks, c * kh * span)
+
+
+def _banded_forward(x, w, config):
+    """z = X · T with T[(c, a, u), (o, t)] = Σ_b w[o, c, a, b]·P[u, t, b]: seed 004's sum, its
+    width taps laid along a band (derivations §4.6)."""
     stride, padding, dilation, _, _ = config
     n = x.shape[0]
     o, c, kh, kw = w.shape
     xp = _windows.pad_spatial(x, padding, 0)
-    out_hw = _windows.window_count(xp.shape[2:], (kh, kw), stride, dilation)
-    index = _im2col_indices(xp.shape[2:], (kh, kw), out_hw, stride, dilation, c)
-    # (N, C·kh·kw, Ho·Wo); every index is in range by construction, so "clip" never clips.
-    cols = jnp.take(xp.reshape(n, -1), jnp.asarray(index), axis=1, mode="clip")
-    z = jnp.einsum("nok,nkp->nop", _batched(w.reshape(o, -1), n), cols,
-                   preferred_element_type=accumulation_dtype(x.dtype))
-    return z.reshape(n, o, *out_hw).astype(x.dtype)
+    ho, wo = _windows.window_count(xp.shape[2:], (kh, kw), stride, dilation)
+    block, span = _band_shape(wo, kw, stride[1], dilation[1])
+    x_rows = _band_rows(xp, kh, (ho, wo), block, span, stride, dilation)
+    pattern = _band_pattern(span, block, kw, stride[1], dilation[1], w.dtype)
+    band = jnp.einsum("ocab,utb->cauot", w, pattern).reshape(c * kh * span, o * block)
+    z = jnp.matmul(x_rows, band, preferred_element_type=accumulation_dtype(x.dtype))
+    z = z.reshape(n, ho, wo // block, o, block).transpose(0, 3, 1, 2, 4)
+    return z.reshape(n, o, ho, wo).astype(x.dtype)
+
+
+def _banded_weight_grad(x, g, w_shape, config):
+    """dw through the band's construction: dT = Xᵀ·G, then dw[o, c, a, b] = Σ_{u,t}
+    dT[(c, a, u), (o, t)]·P[u, t, b] — each tap's products summed along the band's diagonal.
+
+    Measured against XLA's dw convolution alone (CPU): 1.0–1.4 vs 2.5–2.8 ms at LeNet-5's first
+    layer, 1.2–1.5 vs 2.2–3.8 at 1→6 3×3; with 16 output channels XLA's was as fast or faster
+    (1.9–3.4 vs 2.7–7.6 ms at 3→16, 32×32), hence the bound on O."""
+    stride, _, dilation, _, _ = config
+    o, c, kh, kw = w_shape
+    n, _, ho, wo = g.shape
+    xp = _windows.pad_spatial(x, config[1], 0)
+    block, span = _band_shape(wo, kw, stride[1], dilation[1])
+    x_rows = _band_rows(xp, kh, (ho, wo), block, span, stride, dilation)
+    g_rows = g.reshape(n, o, ho, wo // block, block).transpose(0, 2, 3, 1, 4)
+    g_rows = g_rows.reshape(n * ho * (wo // block), o * block)
+    d_band = jnp.einsum("rk,rm->km", x_rows, g_rows,
+                        preferred_element_type=accumulation_dtype(g.dtype))
+    pattern = _band_pattern(span, block, kw, stride[1], dilation[1], d_band.dtype)
+    return jnp.einsum("cauot,utb->ocab", d_band.reshape(c, kh, span, o, block), pattern)
 
 
 # --- depthwise (one input channel per group): a per-channel stencil ------------------------
@@ -388,12 +432,12 @@ def _grouped_weight_grad(x, g, w_shape, config):
 
 
 # Each formula's evaluations, keyed by the names evaluation_paths() returns.
-_FORWARD = {"pointwise": _pointwise_forward, "im2col": _im2col_forward,
+_FORWARD = {"pointwise": _pointwise_forward, "banded": _banded_forward,
             "depthwise": _depthwise_forward, "xla": _xla_forward}
 _INPUT_GRAD = {"pointwise": _pointwise_input_grad, "col2im": _col2im_input_grad,
                "depthwise": _depthwise_input_grad, "xla": _full_convolution_input_grad}
-_WEIGHT_GRAD = {"pointwise": _pointwise_weight_grad, "xla": _convolution_weight_grad,
-                "per_tap": _grouped_weight_grad}
+_WEIGHT_GRAD = {"pointwise": _pointwise_weight_grad, "banded": _banded_weight_grad,
+                "xla": _convolution_weight_grad, "per_tap": _grouped_weight_grad}
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
