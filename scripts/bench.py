@@ -23,12 +23,15 @@ Workloads (full shapes; ``--quick`` shrinks every one of them):
 * ``memory-…``: bytes of the residuals saved for the backward pass (the leaves of
   ``jax.vjp(f, params)[1]``) and XLA's temp buffer size of the compiled gradient.
 
-Timing: compile (``lower().compile()``, timed separately) and 2 warm-up runs are excluded; then
-rounds interleave the variants (hand, autodiff, [torch], then the reverse order next round, …),
-each sample being the mean of enough back-to-back calls (each ``jax.block_until_ready``) to
-last ``--sample-ms``. A workload stops after ``--rounds`` rounds, or earlier once it has used
-``--budget-s`` seconds and has at least ``--min-rounds`` rounds. Reported: median and IQR per
-variant, the ratio of the medians, and the IQR of the per-round (paired) ratios.
+Timing: each variant is compiled ``--executables`` times (the same program compiled twice can
+run 5–12 % faster or slower, persistently); compile (``lower().compile()``, timed separately)
+and 2 warm-up runs are excluded; then rounds interleave the executables (hand#0, autodiff#0,
+[torch], hand#1, …, then the reverse order next round), each sample being the mean of enough
+back-to-back calls (each ``jax.block_until_ready``) to last ``--sample-ms``, and a round's
+sample of a variant the mean over its executables. A workload stops after ``--rounds``
+rounds, or earlier once it has used ``--budget-s`` seconds and has at least ``--min-rounds``
+rounds. Reported: median and IQR per variant, the ratio of the medians, and the IQR of the
+per-round (paired) ratios.
 
 Outputs: ``OUT/bench.json`` and the regenerated markdown report (``--docs``). Targets that are
 missed are printed at the end; the exit code is 0 all the same (this is a measurement). Exit
@@ -619,6 +622,7 @@ class Settings:
     min_rounds: int
     budget_s: float
     sample_ms: float
+    executables: int = 1
 
 
 def _block(value):
@@ -626,11 +630,14 @@ def _block(value):
 
 
 def _prepare(variant: Variant) -> tuple[Callable[[], Any], float | None]:
-    """A zero-argument callable running the variant once (blocking), and its compile time."""
+    """A zero-argument callable running the variant once (blocking), and its compile time.
+
+    Every call compiles a new executable: the function is wrapped afresh, so no cache of JAX's
+    returns an earlier one."""
     if not variant.jit:
         return variant.fn, None
     t0 = time.perf_counter()
-    compiled = jax.jit(variant.fn).lower(*variant.args).compile()
+    compiled = jax.jit(lambda *a: variant.fn(*a)).lower(*variant.args).compile()
     compile_ms = (time.perf_counter() - t0) * 1e3
     args = variant.args
 
@@ -649,40 +656,57 @@ def _stats(samples: Sequence[float]) -> dict:
 
 
 def measure(variants: dict[str, Variant], settings: Settings) -> dict:
-    """Compile + warm up every variant, then time interleaved rounds. Returns per-variant stats."""
+    """Compile + warm up every variant, then time interleaved rounds. Returns per-variant stats.
+
+    Each jitted variant is compiled ``settings.executables`` times. The same program compiled
+    twice can run at speeds 5–12 % apart, persistently within a process (measured: identical
+    optimized HLO, MLP step 5.9 vs 6.7 ms), so one executable per variant puts a random bias
+    of that size into the ratio; a round's sample is the mean over the executables."""
     calls, info = {}, {}
     for name, variant in variants.items():
-        call, compile_ms = _prepare(variant)
+        copies = settings.executables if variant.jit else 1
+        prepared = [_prepare(variant) for _ in range(copies)]
+        call = prepared[0][0]
         t0 = time.perf_counter()
         call()
         first_ms = (time.perf_counter() - t0) * 1e3
         warm = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            call()
-            warm.append((time.perf_counter() - t0) * 1e3)
+        for copy_call, _ in prepared:
+            for _ in range(2):
+                t0 = time.perf_counter()
+                copy_call()
+                warm.append((time.perf_counter() - t0) * 1e3)
         inner = max(1, min(200, math.ceil(settings.sample_ms / max(min(warm), 1e-3))))
-        calls[name] = call
-        info[name] = {"compile_ms": compile_ms, "first_run_ms": first_ms,
-                      "warmup_ms": warm, "calls_per_sample": inner}
+        calls[name] = [copy_call for copy_call, _ in prepared]
+        info[name] = {"compile_ms": prepared[0][1], "first_run_ms": first_ms,
+                      "warmup_ms": warm, "calls_per_sample": inner, "executables": copies}
     names = list(variants)
     # A call of over a second (autodiff of grouped convolutions): 3 rounds are enough.
     slowest = max(min(info[name]["warmup_ms"]) for name in names)
     min_rounds = min(settings.min_rounds, 3) if slowest > 1000 else settings.min_rounds
+    # Interleaved: hand#0, autodiff#0, hand#1, autodiff#1, …, then the reverse order.
+    order = [(name, k) for k in range(max(len(c) for c in calls.values()))
+             for name in names if k < len(calls[name])]
+    per_executable = {(name, k): [] for name, k in order}
     samples: dict[str, list[float]] = {name: [] for name in names}
     start = time.perf_counter()
     for r in range(settings.rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            call, inner = calls[name], info[name]["calls_per_sample"]
+        for name, k in (order if r % 2 == 0 else order[::-1]):
+            call, inner = calls[name][k], info[name]["calls_per_sample"]
             t0 = time.perf_counter()
             for _ in range(inner):
                 call()
-            samples[name].append((time.perf_counter() - t0) * 1e3 / inner)
+            per_executable[name, k].append((time.perf_counter() - t0) * 1e3 / inner)
+        for name in names:
+            samples[name].append(float(np.mean([per_executable[name, k][-1]
+                                                for k in range(len(calls[name]))])))
         if r + 1 >= min_rounds and time.perf_counter() - start > settings.budget_s:
             break
     out = {name: info[name] | _stats(samples[name]) for name in names}
     for name in names:
         out[name]["rounds"] = len(samples[name])
+        out[name]["executable_medians_ms"] = [
+            float(np.median(per_executable[name, k])) for k in range(len(calls[name]))]
     return out
 
 
@@ -1030,6 +1054,8 @@ def render_markdown(results: dict) -> str:
         f"{_load_text(run['loadavg_end'])} |",
         f"| rounds | up to {run['rounds']} (at least {run['min_rounds']}, budget "
         f"{run['budget_s']:g} s per workload) |",
+        f"| executables per variant | {run.get('executables', 1)} "
+        "(each round's sample: their mean) |",
         f"| wall time | {run['wall_seconds']:.0f} s |",
         "",
         "## Targets",
@@ -1065,10 +1091,15 @@ Each workload is one gradient computation compiled twice with `jax.jit(...).lowe
 **hand** uses handgrad's `custom_vjp` ops, **autodiff** runs the same model or op from
 `handgrad.reference` (plain JAX) and lets `jax.grad`/`jax.vjp` differentiate it (PyTorch eager
 is a third column only when `torch` is importable). Compilation (its time is the "compile"
-column) and two warm-up runs are excluded. The variants are then timed in interleaved rounds —
-hand, autodiff, then autodiff, hand, … — in the same process, so that load from other processes
-hits both alike; each sample is the mean over enough back-to-back calls (each ended by
-`jax.block_until_ready`) to last a few tens of ms. Times are medians over the rounds, with the
+column) and two warm-up runs are excluded. Each variant is compiled several times ("executables
+per variant" above): on this CPU the same program compiled twice ran at speeds 5–12 % apart,
+persistently within a process (an MLP step with identical optimized HLO: 5.9 vs 6.7 ms), which
+a single executable per variant would put into the ratio as a random bias. The executables are
+then timed in interleaved rounds — hand#0, autodiff#0, hand#1, autodiff#1, …, then the reverse
+order — in the same process, so that load from other processes hits both alike; each
+executable's sample is the mean over enough back-to-back calls (each ended by
+`jax.block_until_ready`) to last a few tens of ms, and a round's sample of a variant is the mean
+over its executables. Times are medians over the rounds, with the
 interquartile range in parentheses; ratios are ratios of the medians, with the IQR of the
 per-round (paired) ratios. A target is marked "within noise" when its threshold lies inside
 that IQR. The conv sweep times the VJP w.r.t. (x, w, b) (the forward is dead code there and XLA
@@ -1138,6 +1169,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default 6; 0.5 with --quick)")
     parser.add_argument("--sample-ms", type=cli.positive_float, default=None,
                         help="minimum duration of one sample (default 25; 2 with --quick)")
+    parser.add_argument("--executables", type=cli.positive_int, default=None,
+                        help="compilations of each variant, timed in turn (default 3; quick 1): "
+                             "the same program compiled twice can differ by 5-12 %% in speed")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
                         help="run only workloads whose name contains one of these "
                              "(case-insensitive), e.g. lenet conv-k3 max_pool memory")
@@ -1165,12 +1199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_rounds=args.min_rounds or (2 if args.quick else 5),
         budget_s=args.budget_s or (0.5 if args.quick else 6.0),
         sample_ms=args.sample_ms or (2.0 if args.quick else 25.0),
+        executables=args.executables or (1 if args.quick else 3),
     )
     settings.min_rounds = min(settings.min_rounds, settings.rounds)
     diagnose = args.diagnose or ("never" if args.quick else "auto")
     diagnostic_settings = Settings(
         rounds=args.diagnostic_rounds, min_rounds=min(3, args.diagnostic_rounds),
-        budget_s=min(settings.budget_s, 3.0), sample_ms=settings.sample_ms)
+        budget_s=min(settings.budget_s, 3.0), sample_ms=settings.sample_ms,
+        executables=settings.executables)
     work, memory = plan(args.quick)
     work = [w for w in work if _selected(w.name, args.only)]
     memory = [m for m in memory if _selected(m.name, args.only)]
@@ -1188,7 +1224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": environment(),
         "run": {"quick": args.quick, "only": args.only, "rounds": settings.rounds,
                 "min_rounds": settings.min_rounds, "budget_s": settings.budget_s,
-                "sample_ms": settings.sample_ms, "diagnose": diagnose,
+                "sample_ms": settings.sample_ms, "executables": settings.executables,
+                "diagnose": diagnose,
                 "diagnostic_rounds": diagnostic_settings.rounds,
                 "started": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 "loadavg_start": _loadavg()},

@@ -122,3 +122,42 @@ def test_markdown_and_stdout(quick_run):
         assert heading in text, heading
     assert "`lenet5`" in text and ("✅" in text or "❌" in text)
     assert "Targets" in proc.stdout and "hand/autodiff" in proc.stdout
+
+
+def test_measure_times_every_executable_and_averages_them_per_round():
+    """--executables K: each jitted variant is compiled K times (a fresh wrapper, so no cache
+    hands back the first), every executable is timed each round, and a round's sample is their
+    mean — the variants' times stay paired round by round."""
+    import importlib.util
+
+    import jax.numpy as jnp
+
+    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules[spec.name]
+    compiled = []
+    real_jit = bench.jax.jit
+
+    def counting_jit(fn):
+        compiled.append(fn)
+        return real_jit(fn)
+
+    bench.jax.jit = counting_jit
+    try:
+        x = jnp.arange(12.0)
+        settings = bench.Settings(rounds=3, min_rounds=3, budget_s=0.0, sample_ms=0.1,
+                                  executables=2)
+        times = bench.measure({"hand": bench.Variant(lambda x: x * 2, (x,)),
+                               "autodiff": bench.Variant(lambda x: x + x, (x,))}, settings)
+    finally:
+        bench.jax.jit = real_jit
+    assert len(compiled) == 4 and len({id(fn) for fn in compiled}) == 4
+    for name in ("hand", "autodiff"):
+        record = times[name]
+        assert record["executables"] == 2 and record["rounds"] == 3
+        assert len(record["samples_ms"]) == 3 and len(record["executable_medians_ms"]) == 2
+        assert all(_positive(v) for v in record["executable_medians_ms"])
