@@ -28,7 +28,7 @@ run 5–12 % faster or slower, persistently); compile (``lower().compile()``, ti
 and 2 warm-up runs are excluded; then rounds interleave the executables (hand#0, autodiff#0,
 [torch], hand#1, …, then the reverse order next round), each sample being the mean of enough
 back-to-back calls (each ``jax.block_until_ready``) to last ``--sample-ms``, and a round's
-sample of a variant the mean over its executables. A workload stops after ``--rounds``
+sample of a variant the median over its executables. A workload stops after ``--rounds``
 rounds, or earlier once it has used ``--budget-s`` seconds and has at least ``--min-rounds``
 rounds. Reported: median and IQR per variant, the ratio of the medians, and the IQR of the
 per-round (paired) ratios.
@@ -661,7 +661,7 @@ def measure(variants: dict[str, Variant], settings: Settings) -> dict:
     Each jitted variant is compiled ``settings.executables`` times. The same program compiled
     twice can run at speeds 5–12 % apart, persistently within a process (measured: identical
     optimized HLO, MLP step 5.9 vs 6.7 ms), so one executable per variant puts a random bias
-    of that size into the ratio; a round's sample is the mean over the executables."""
+    of that size into the ratio; a round's sample is the median over the executables."""
     calls, info = {}, {}
     for name, variant in variants.items():
         copies = settings.executables if variant.jit else 1
@@ -697,9 +697,9 @@ def measure(variants: dict[str, Variant], settings: Settings) -> dict:
             for _ in range(inner):
                 call()
             per_executable[name, k].append((time.perf_counter() - t0) * 1e3 / inner)
-        for name in names:
-            samples[name].append(float(np.mean([per_executable[name, k][-1]
-                                                for k in range(len(calls[name]))])))
+        for name in names:  # the median: one executable's outlier sample does not move it
+            samples[name].append(float(np.median([per_executable[name, k][-1]
+                                                  for k in range(len(calls[name]))])))
         if r + 1 >= min_rounds and time.perf_counter() - start > settings.budget_s:
             break
     out = {name: info[name] | _stats(samples[name]) for name in names}
@@ -1055,7 +1055,7 @@ def render_markdown(results: dict) -> str:
         f"| rounds | up to {run['rounds']} (at least {run['min_rounds']}, budget "
         f"{run['budget_s']:g} s per workload) |",
         f"| executables per variant | {run.get('executables', 1)} "
-        "(each round's sample: their mean) |",
+        "(each round's sample: their median) |",
         f"| wall time | {run['wall_seconds']:.0f} s |",
         "",
         "## Targets",
@@ -1098,8 +1098,8 @@ a single executable per variant would put into the ratio as a random bias. The e
 then timed in interleaved rounds — hand#0, autodiff#0, hand#1, autodiff#1, …, then the reverse
 order — in the same process, so that load from other processes hits both alike; each
 executable's sample is the mean over enough back-to-back calls (each ended by
-`jax.block_until_ready`) to last a few tens of ms, and a round's sample of a variant is the mean
-over its executables. Times are medians over the rounds, with the
+`jax.block_until_ready`) to last a few tens of ms, and a round's sample of a variant is the
+median over its executables. Times are medians over the rounds, with the
 interquartile range in parentheses; ratios are ratios of the medians, with the IQR of the
 per-round (paired) ratios. A target is marked "within noise" when its threshold lies inside
 that IQR. The conv sweep times the VJP w.r.t. (x, w, b) (the forward is dead code there and XLA

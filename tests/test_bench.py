@@ -127,7 +127,7 @@ def test_markdown_and_stdout(quick_run):
 def test_measure_times_every_executable_and_averages_them_per_round():
     """--executables K: each jitted variant is compiled K times (a fresh wrapper, so no cache
     hands back the first), every executable is timed each round, and a round's sample is their
-    mean — the variants' times stay paired round by round."""
+    median — the variants' times stay paired round by round."""
     import importlib.util
 
     import jax.numpy as jnp
