@@ -394,10 +394,12 @@ register(OpSpec(
         _conv_case((2, 2, 9, 9), (3, 2, 3, 3), dilation=2),
         # Few channels: the banded forward and dw with several blocks per output row (§4.6) —
         # Wo = 8 in blocks of 4; Wo = 6 in blocks of 2, strided and dilated along the width;
-        # O = 9 > FEW_OUTPUTS keeps XLA's dw.
+        # O = 9 > FEW_OUTPUTS keeps XLA's dw; Wo = 17 (no divisor in [kw, 5kw]) in 6 blocks
+        # of 3, the last one padded, strided both ways.
         _conv_case((3, 2, 5, 8), (5, 2, 3, 3), padding=1),
         _conv_case((2, 1, 6, 13), (3, 1, 3, 2), stride=(1, 2), dilation=(2, 2), bias=False),
         _conv_case((1, 3, 6, 9), (9, 3, 2, 3), stride=(2, 1), padding=((0, 1), (1, 1))),
+        _conv_case((2, 3, 9, 33), (4, 3, 3, 3), stride=2, padding=1),
         # At the col2im bound (C = 8, stride 1): XLA's convolution forward, GEMM + col2im dx.
         _conv_case((2, 8, 7, 6), (3, 8, 3, 2), padding=((1, 2), (0, 1)), dilation=(1, 2)),
         # More channels than the few-channel paths take: XLA's convolution forward and dx.

@@ -632,8 +632,8 @@ def _block(value):
 def _prepare(variant: Variant) -> tuple[Callable[[], Any], float | None]:
     """A zero-argument callable running the variant once (blocking), and its compile time.
 
-    Every call compiles a new executable: the function is wrapped afresh, so no cache of JAX's
-    returns an earlier one."""
+    Every call compiles a new executable: the function is wrapped afresh, so JAX's in-memory
+    caches do not return an earlier one (a persistent compilation cache, if configured, may)."""
     if not variant.jit:
         return variant.fn, None
     t0 = time.perf_counter()

@@ -124,7 +124,7 @@ def test_markdown_and_stdout(quick_run):
     assert "Targets" in proc.stdout and "hand/autodiff" in proc.stdout
 
 
-def test_measure_times_every_executable_and_averages_them_per_round():
+def test_measure_times_every_executable_and_takes_their_median_per_round():
     """--executables K: each jitted variant is compiled K times (a fresh wrapper, so no cache
     hands back the first), every executable is timed each round, and a round's sample is their
     median — the variants' times stay paired round by round."""

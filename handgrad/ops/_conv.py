@@ -178,41 +178,61 @@ def _pointwise_weight_grad(x, g, w_shape, config):
 # Along the width, kernel row a of channel c is a 1-D correlation, i.e. a product with a banded
 # (Toeplitz) matrix. Cutting each output row into blocks of B columns makes the whole sum one
 # GEMM whose rows are (n, i, block) and whose contraction runs over (c, a, u), u the block's
-# input columns (derivations §4.6, "banded"). Compared with im2col (B = 1: one column per
-# tap) the gathered input is span/(B·kw) the size and is made of contiguous row pieces, and the
-# GEMM's output is O·B wide instead of O — at the price of span/kw times the multiply-adds.
+# input columns (derivations §4.6, "banded"). Compared with im2col (B = 1 and d = 1: one
+# column per tap) the gathered input is span/(B·kw) the size and is made of contiguous row
+# pieces, and the GEMM's output is O·B wide instead of O — at the price of span/kw times the
+# multiply-adds.
 
 
-def _band_shape(out_w: int, kw: int, stride: int, dilation: int) -> tuple[int, int]:
-    """(B, span): output columns per block — the smallest divisor of Wo that is at least kw,
-    measured best on CPU (LeNet-5's 28 → 7; 32 → 4 for 3×3) — and the input columns a block
-    reads, (B − 1)·s + (kw − 1)·d + 1."""
-    block = next(b for b in range(1, out_w + 1) if out_w % b == 0 and b >= min(kw, out_w))
-    return block, (block - 1) * stride + (kw - 1) * dilation + 1
+class Band(NamedTuple):
+    """How the output width is cut: ``blocks`` blocks of ``block`` columns (their total may
+    pass Wo by less than one block: the extra columns read zero padding and are dropped), each
+    reading ``span`` input columns."""
+
+    block: int
+    blocks: int
+    span: int
 
 
-def _band_pattern(span: int, block: int, kw: int, stride: int, dilation: int, dtype):
+def _band(out_w: int, kw: int, stride: int, dilation: int) -> Band:
+    """B: the smallest divisor of Wo in [kw, 5·kw] — measured on CPU, LeNet-5's 28 → 7 (best of
+    4, 7, 14, 28), 32 → 4 for 3×3, 26 → 13 for 3×3 (forward 1.0 vs 1.1 ms, dw 0.6 vs 1.3 for
+    B = 3). Without one (a prime Wo), B = kw and the last block is padded: at Wo = 31, 3×3,
+    whole rows (B = 31) were the slowest choice, 1.8/2.7 ms forward/dw against 1.5/1.3 for
+    B = 3 (XLA: 4.3/4.3). Wo ≤ kw: one block. The span is (B − 1)·s + (kw − 1)·d + 1."""
+    if out_w <= kw:
+        block = out_w
+    else:
+        block = next((b for b in range(kw, 5 * kw + 1) if out_w % b == 0), kw)
+    return Band(block, -(-out_w // block), (block - 1) * stride + (kw - 1) * dilation + 1)
+
+
+def _band_pattern(band: Band, kw: int, stride: int, dilation: int, dtype):
     """P[u, t, b] = 1 where the block's output column t reads its input column u through
     kernel column b (u = t·s + b·d), else 0: the band's shape, shared by W and dW."""
-    u, t, b = np.ix_(np.arange(span), np.arange(block), np.arange(kw))
+    u, t, b = np.ix_(np.arange(band.span), np.arange(band.block), np.arange(kw))
     return jnp.asarray(u == t * stride + b * dilation, dtype)
 
 
-def _band_rows(xp, kh, out_hw, block, span, stride, dilation):
+def _band_rows(xp, kh, out_h, band: Band, stride, dilation):
     """X[(n, i, q), (c, a, u)] = x_pad[n, c, i·s + a·d, q·B·s + u]: for each kernel row a and
-    block q, one strided slice of the padded input."""
+    block q, one strided slice of the padded input (zero-extended on the right when the last
+    block runs past Wo)."""
     n, c = xp.shape[:2]
-    (ho, wo), (sh, sw), dh = out_hw, stride, dilation[0]
-    blocks = wo // block
+    (sh, sw), dh = stride, dilation[0]
+    reach = (band.blocks - 1) * band.block * sw + band.span
+    if reach > xp.shape[3]:
+        xp = jnp.pad(xp, ((0, 0), (0, 0), (0, 0), (0, reach - xp.shape[3])))
     rows = []
     for a in range(kh):
-        top, bottom = a * dh, a * dh + (ho - 1) * sh + 1
-        pieces = [lax.slice(xp, (0, 0, top, q * block * sw),
-                            (n, c, bottom, q * block * sw + span), (1, 1, sh, 1))
-                  for q in range(blocks)]
+        top, bottom = a * dh, a * dh + (out_h - 1) * sh + 1
+        pieces = [lax.slice(xp, (0, 0, top, q * band.block * sw),
+                            (n, c, bottom, q * band.block * sw + band.span), (1, 1, sh, 1))
+                  for q in range(band.blocks)]
         rows.append(jnp.stack(pieces, axis=3))  # (N, C, Ho, Q, span)
     x_rows = jnp.stack(rows, axis=2)  # (N, C, kh, Ho, Q, span)
-    return x_rows.transpose(0, 3, 4, 1, 2, 5).reshape(n * ho * blocks, c * kh * span)
+    return x_rows.transpose(0, 3, 4, 1, 2, 5).reshape(n * out_h * band.blocks,
+                                                      c * kh * band.span)
 
 
 def _banded_forward(x, w, config):
@@ -229,13 +249,14 @@ def _banded_forward(x, w, config):
     o, c, kh, kw = w.shape
     xp = _windows.pad_spatial(x, padding, 0)
     ho, wo = _windows.window_count(xp.shape[2:], (kh, kw), stride, dilation)
-    block, span = _band_shape(wo, kw, stride[1], dilation[1])
-    x_rows = _band_rows(xp, kh, (ho, wo), block, span, stride, dilation)
-    pattern = _band_pattern(span, block, kw, stride[1], dilation[1], w.dtype)
-    band = jnp.einsum("ocab,utb->cauot", w, pattern).reshape(c * kh * span, o * block)
-    z = jnp.matmul(x_rows, band, preferred_element_type=accumulation_dtype(x.dtype))
-    z = z.reshape(n, ho, wo // block, o, block).transpose(0, 3, 1, 2, 4)
-    return z.reshape(n, o, ho, wo).astype(x.dtype)
+    band = _band(wo, kw, stride[1], dilation[1])
+    x_rows = _band_rows(xp, kh, ho, band, stride, dilation)
+    pattern = _band_pattern(band, kw, stride[1], dilation[1], w.dtype)
+    t = jnp.einsum("ocab,utb->cauot", w, pattern).reshape(c * kh * band.span, o * band.block)
+    z = jnp.matmul(x_rows, t, preferred_element_type=accumulation_dtype(x.dtype))
+    z = z.reshape(n, ho, band.blocks, o, band.block).transpose(0, 3, 1, 2, 4)
+    z = z.reshape(n, o, ho, band.blocks * band.block)[..., :wo]
+    return z.astype(x.dtype)
 
 
 def _banded_weight_grad(x, g, w_shape, config):
@@ -249,14 +270,17 @@ def _banded_weight_grad(x, g, w_shape, config):
     o, c, kh, kw = w_shape
     n, _, ho, wo = g.shape
     xp = _windows.pad_spatial(x, config[1], 0)
-    block, span = _band_shape(wo, kw, stride[1], dilation[1])
-    x_rows = _band_rows(xp, kh, (ho, wo), block, span, stride, dilation)
-    g_rows = g.reshape(n, o, ho, wo // block, block).transpose(0, 2, 3, 1, 4)
-    g_rows = g_rows.reshape(n * ho * (wo // block), o * block)
+    band = _band(wo, kw, stride[1], dilation[1])
+    x_rows = _band_rows(xp, kh, ho, band, stride, dilation)
+    # Columns past Wo (a padded last block) get a zero error: they were never outputs.
+    g = jnp.pad(g, ((0, 0), (0, 0), (0, 0), (0, band.blocks * band.block - wo)))
+    g_rows = g.reshape(n, o, ho, band.blocks, band.block).transpose(0, 2, 3, 1, 4)
+    g_rows = g_rows.reshape(n * ho * band.blocks, o * band.block)
     d_band = jnp.einsum("rk,rm->km", x_rows, g_rows,
                         preferred_element_type=accumulation_dtype(g.dtype))
-    pattern = _band_pattern(span, block, kw, stride[1], dilation[1], d_band.dtype)
-    return jnp.einsum("cauot,utb->ocab", d_band.reshape(c, kh, span, o, block), pattern)
+    pattern = _band_pattern(band, kw, stride[1], dilation[1], d_band.dtype)
+    d_band = d_band.reshape(c, kh, band.span, o, band.block)
+    return jnp.einsum("cauot,utb->ocab", d_band, pattern)
 
 
 # --- depthwise (one input channel per group): a per-channel stencil ------------------------
