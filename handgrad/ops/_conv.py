@@ -187,11 +187,21 @@ def _pointwise_weight_grad(x, g, w_shape, config):
 class Band(NamedTuple):
     """How the output width is cut: ``blocks`` blocks of ``block`` columns (their total may
     pass Wo by less than one block: the extra columns read zero padding and are dropped), each
-    reading ``span`` input columns."""
+    reading ``span`` input columns; with the kernel width and the width's stride and dilation,
+    which place the taps along the band."""
 
     block: int
     blocks: int
     span: int
+    kw: int
+    stride: int
+    dilation: int
+
+    def pattern(self, dtype):
+        """P[u, t, b] = 1 where the block's output column t reads its input column u through
+        kernel column b (u = t·s + b·d), else 0: the band's shape, shared by W and dW."""
+        u, t, b = np.ix_(np.arange(self.span), np.arange(self.block), np.arange(self.kw))
+        return jnp.asarray(u == t * self.stride + b * self.dilation, dtype)
 
 
 def _band(out_w: int, kw: int, stride: int, dilation: int) -> Band:
@@ -204,35 +214,32 @@ def _band(out_w: int, kw: int, stride: int, dilation: int) -> Band:
         block = out_w
     else:
         block = next((b for b in range(kw, 5 * kw + 1) if out_w % b == 0), kw)
-    return Band(block, -(-out_w // block), (block - 1) * stride + (kw - 1) * dilation + 1)
+    span = (block - 1) * stride + (kw - 1) * dilation + 1
+    return Band(block, -(-out_w // block), span, kw, stride, dilation)
 
 
-def _band_pattern(band: Band, kw: int, stride: int, dilation: int, dtype):
-    """P[u, t, b] = 1 where the block's output column t reads its input column u through
-    kernel column b (u = t·s + b·d), else 0: the band's shape, shared by W and dW."""
-    u, t, b = np.ix_(np.arange(band.span), np.arange(band.block), np.arange(kw))
-    return jnp.asarray(u == t * stride + b * dilation, dtype)
-
-
-def _band_rows(xp, kh, out_h, band: Band, stride, dilation):
-    """X[(n, i, q), (c, a, u)] = x_pad[n, c, i·s + a·d, q·B·s + u]: for each kernel row a and
-    block q, one strided slice of the padded input (zero-extended on the right when the last
-    block runs past Wo)."""
+def _band_rows(x, kernel, out_hw, config) -> tuple[Band, jax.Array]:
+    """The band for this output width, and X[(n, i, q), (c, a, u)] = x_pad[n, c, i·s + a·d,
+    q·B·s + u]: for each kernel row a and block q, one strided slice of the padded input
+    (zero-extended on the right when the last block runs past Wo)."""
+    stride, padding, dilation, _, _ = config
+    (kh, kw), (ho, wo), (sh, sw), dh = kernel, out_hw, stride, dilation[0]
+    band = _band(wo, kw, sw, dilation[1])
+    xp = _windows.pad_spatial(x, padding, 0)
     n, c = xp.shape[:2]
-    (sh, sw), dh = stride, dilation[0]
     reach = (band.blocks - 1) * band.block * sw + band.span
     if reach > xp.shape[3]:
         xp = jnp.pad(xp, ((0, 0), (0, 0), (0, 0), (0, reach - xp.shape[3])))
     rows = []
     for a in range(kh):
-        top, bottom = a * dh, a * dh + (out_h - 1) * sh + 1
+        top, bottom = a * dh, a * dh + (ho - 1) * sh + 1
         pieces = [lax.slice(xp, (0, 0, top, q * band.block * sw),
                             (n, c, bottom, q * band.block * sw + band.span), (1, 1, sh, 1))
                   for q in range(band.blocks)]
         rows.append(jnp.stack(pieces, axis=3))  # (N, C, Ho, Q, span)
     x_rows = jnp.stack(rows, axis=2)  # (N, C, kh, Ho, Q, span)
-    return x_rows.transpose(0, 3, 4, 1, 2, 5).reshape(n * out_h * band.blocks,
-                                                      c * kh * band.span)
+    return band, x_rows.transpose(0, 3, 4, 1, 2, 5).reshape(n * ho * band.blocks,
+                                                            c * kh * band.span)
 
 
 def _banded_forward(x, w, config):
@@ -244,16 +251,15 @@ def _banded_forward(x, w, config):
     sum of the kh·kw slices — XLA:CPU fuses such a sum into each consumer (relu, a pool's
     window slices) and recomputes it there, even behind ``lax.optimization_barrier``, which
     XLA:CPU drops; blocks of B columns, not whole rows (B = Wo: 1.8 ms, 6.4× the work)."""
-    stride, padding, dilation, _, _ = config
+    stride, padding, dilation, _, in_hw = config
     n = x.shape[0]
     o, c, kh, kw = w.shape
-    xp = _windows.pad_spatial(x, padding, 0)
-    ho, wo = _windows.window_count(xp.shape[2:], (kh, kw), stride, dilation)
-    band = _band(wo, kw, stride[1], dilation[1])
-    x_rows = _band_rows(xp, kh, ho, band, stride, dilation)
-    pattern = _band_pattern(band, kw, stride[1], dilation[1], w.dtype)
-    t = jnp.einsum("ocab,utb->cauot", w, pattern).reshape(c * kh * band.span, o * band.block)
-    z = jnp.matmul(x_rows, t, preferred_element_type=accumulation_dtype(x.dtype))
+    ho, wo = _windows.window_count(_windows.padded_size(padding, in_hw), (kh, kw), stride,
+                                   dilation)
+    band, x_rows = _band_rows(x, (kh, kw), (ho, wo), config)
+    t = jnp.einsum("ocab,utb->cauot", w, band.pattern(w.dtype))
+    z = jnp.matmul(x_rows, t.reshape(c * kh * band.span, o * band.block),
+                   preferred_element_type=accumulation_dtype(x.dtype))
     z = z.reshape(n, ho, band.blocks, o, band.block).transpose(0, 3, 1, 2, 4)
     z = z.reshape(n, o, ho, band.blocks * band.block)[..., :wo]
     return z.astype(x.dtype)
@@ -266,21 +272,17 @@ def _banded_weight_grad(x, g, w_shape, config):
     Measured against XLA's dw convolution alone (CPU): 1.0–1.4 vs 2.5–2.8 ms at LeNet-5's first
     layer, 1.2–1.5 vs 2.2–3.8 at 1→6 3×3; with 16 output channels XLA's was as fast or faster
     (1.9–3.4 vs 2.7–7.6 ms at 3→16, 32×32), hence the bound on O."""
-    stride, _, dilation, _, _ = config
     o, c, kh, kw = w_shape
     n, _, ho, wo = g.shape
-    xp = _windows.pad_spatial(x, config[1], 0)
-    band = _band(wo, kw, stride[1], dilation[1])
-    x_rows = _band_rows(xp, kh, ho, band, stride, dilation)
+    band, x_rows = _band_rows(x, (kh, kw), (ho, wo), config)
     # Columns past Wo (a padded last block) get a zero error: they were never outputs.
     g = jnp.pad(g, ((0, 0), (0, 0), (0, 0), (0, band.blocks * band.block - wo)))
     g_rows = g.reshape(n, o, ho, band.blocks, band.block).transpose(0, 2, 3, 1, 4)
     g_rows = g_rows.reshape(n * ho * band.blocks, o * band.block)
     d_band = jnp.einsum("rk,rm->km", x_rows, g_rows,
                         preferred_element_type=accumulation_dtype(g.dtype))
-    pattern = _band_pattern(band, kw, stride[1], dilation[1], d_band.dtype)
     d_band = d_band.reshape(c, kh, band.span, o, band.block)
-    return jnp.einsum("cauot,utb->ocab", d_band, pattern)
+    return jnp.einsum("cauot,utb->ocab", d_band, band.pattern(d_band.dtype))
 
 
 # --- depthwise (one input channel per group): a per-channel stencil ------------------------
