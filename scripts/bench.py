@@ -666,10 +666,11 @@ def measure(variants: dict[str, Variant], settings: Settings) -> dict:
     for name, variant in variants.items():
         copies = settings.executables if variant.jit else 1
         prepared = [_prepare(variant) for _ in range(copies)]
-        call = prepared[0][0]
         t0 = time.perf_counter()
-        call()
+        prepared[0][0]()
         first_ms = (time.perf_counter() - t0) * 1e3
+        for copy_call, _ in prepared[1:]:  # their cold first calls, untimed like the first's
+            copy_call()
         warm = []
         for copy_call, _ in prepared:
             for _ in range(2):
