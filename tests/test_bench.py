@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _modules import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench.py"
@@ -124,21 +125,13 @@ def test_markdown_and_stdout(quick_run):
     assert "Targets" in proc.stdout and "hand/autodiff" in proc.stdout
 
 
-def test_measure_times_every_executable_and_takes_their_median_per_round():
+def test_measure_times_every_executable_and_takes_their_median_per_round(monkeypatch):
     """--executables K: each jitted variant is compiled K times (a fresh wrapper, so no cache
     hands back the first), every executable is timed each round, and a round's sample is their
     median — the variants' times stay paired round by round."""
-    import importlib.util
-
     import jax.numpy as jnp
 
-    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        del sys.modules[spec.name]
+    bench = load_file("handgrad_bench_script", SCRIPT)
     compiled = []
     real_jit = bench.jax.jit
 
@@ -146,15 +139,13 @@ def test_measure_times_every_executable_and_takes_their_median_per_round():
         compiled.append(fn)
         return real_jit(fn)
 
-    bench.jax.jit = counting_jit
-    try:
-        x = jnp.arange(12.0)
-        settings = bench.Settings(rounds=3, min_rounds=3, budget_s=0.0, sample_ms=0.1,
-                                  executables=2)
-        times = bench.measure({"hand": bench.Variant(lambda x: x * 2, (x,)),
-                               "autodiff": bench.Variant(lambda x: x + x, (x,))}, settings)
-    finally:
-        bench.jax.jit = real_jit
+    monkeypatch.setattr(bench.jax, "jit", counting_jit)
+    x = jnp.arange(12.0)
+    settings = bench.Settings(rounds=3, min_rounds=3, budget_s=0.0, sample_ms=0.1,
+                              executables=2)
+    times = bench.measure({"hand": bench.Variant(lambda x: x * 2, (x,)),
+                           "autodiff": bench.Variant(lambda x: x + x, (x,))}, settings)
+    monkeypatch.undo()
     assert len(compiled) == 4 and len({id(fn) for fn in compiled}) == 4
     for name in ("hand", "autodiff"):
         record = times[name]

@@ -6,14 +6,13 @@ gradients w.r.t. the module's parameters (float64) equal those of the same modul
 with each framework's transformations (nnx.grad / eqx.filter_grad, nnx.jit / eqx.filter_jit).
 """
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _modules import load_file
 
 import handgrad as hg
 
@@ -23,18 +22,7 @@ RTOL = 1e-12
 
 def _load_example(name):
     """Import examples/<name>.py as a module (examples/ is not a package)."""
-    module_name = f"handgrad_examples_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
+    return load_file(f"handgrad_examples_{name}", EXAMPLES / f"{name}.py")
 
 
 @pytest.fixture(scope="module")

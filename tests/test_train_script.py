@@ -7,7 +7,6 @@ held to ≥ 97 % test accuracy in < 60 s (as the script measures it), and the st
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _modules import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
@@ -26,14 +26,7 @@ TINY = ["--epochs", "1", "--batch-size", "64"]
 HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"}
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("handgrad_train_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load_script()
+train_script = load_file("handgrad_train_script", SCRIPT)
 
 
 def run(args, capsys=None):
