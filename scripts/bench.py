@@ -655,19 +655,54 @@ def _stats(samples: Sequence[float]) -> dict:
             "samples_ms": [float(v) for v in a]}
 
 
+AGREEMENT_RTOL = 1e-3  # float32 gradients whose sums ran in another order differ by ~1e-6
+
+
+def _host_leaves(output) -> list[np.ndarray]:
+    """The arrays of a variant's output as NumPy: JAX arrays, or torch tensors (detached)."""
+    return [np.asarray(leaf.detach() if hasattr(leaf, "detach") else leaf, dtype=np.float64)
+            for leaf in jax.tree_util.tree_leaves(output)]
+
+
+def check_agreement(reference, output, name: str, reference_name: str) -> float:
+    """The worst leaf-wise ``max|output − reference| / max|reference|`` of two variants' results.
+
+    Raises ``AssertionError`` (the workload is then reported as failed, not timed) when the
+    structures differ or the difference exceeds ``AGREEMENT_RTOL``: the variants must compute
+    the same gradient, in the same order of leaves, or their times mean nothing."""
+    ref_leaves, out_leaves = _host_leaves(reference), _host_leaves(output)
+    shapes = [a.shape for a in ref_leaves], [a.shape for a in out_leaves]
+    if shapes[0] != shapes[1]:
+        raise AssertionError(f"variant {name!r} returns arrays of shapes {shapes[1]}, "
+                             f"{reference_name!r} returns {shapes[0]}")
+    worst = 0.0
+    for k, (ref, out) in enumerate(zip(ref_leaves, out_leaves, strict=True)):
+        scale = float(np.max(np.abs(ref), initial=0.0))
+        diff = float(np.max(np.abs(out - ref), initial=0.0))
+        rel = diff / scale if scale > 0 else diff
+        if not rel <= AGREEMENT_RTOL:  # also catches NaN
+            raise AssertionError(
+                f"variant {name!r} disagrees with {reference_name!r} at output leaf {k} "
+                f"{ref.shape}: max|diff| {diff:.3g} = {rel:.3g} of max|{reference_name}| "
+                f"(allowed {AGREEMENT_RTOL:g})")
+        worst = max(worst, rel)
+    return worst
+
+
 def measure(variants: dict[str, Variant], settings: Settings) -> dict:
-    """Compile + warm up every variant, then time interleaved rounds. Returns per-variant stats.
+    """Compile + warm up every variant, check that each one's first result agrees with the first
+    variant's (``check_agreement``), then time interleaved rounds. Returns per-variant stats.
 
     Each jitted variant is compiled ``settings.executables`` times. The same program compiled
     twice can run at speeds 5–12 % apart, persistently within a process (measured: identical
     optimized HLO, MLP step 5.9 vs 6.7 ms), so one executable per variant puts a random bias
     of that size into the ratio; a round's sample is the median over the executables."""
-    calls, info = {}, {}
+    calls, info, outputs = {}, {}, {}
     for name, variant in variants.items():
         copies = settings.executables if variant.jit else 1
         prepared = [_prepare(variant) for _ in range(copies)]
         t0 = time.perf_counter()
-        prepared[0][0]()
+        outputs[name] = prepared[0][0]()
         first_ms = (time.perf_counter() - t0) * 1e3
         for copy_call, _ in prepared[1:]:  # their cold first calls, untimed like the first's
             copy_call()
@@ -682,6 +717,9 @@ def measure(variants: dict[str, Variant], settings: Settings) -> dict:
         info[name] = {"compile_ms": prepared[0][1], "first_run_ms": first_ms,
                       "warmup_ms": warm, "calls_per_sample": inner, "executables": copies}
     names = list(variants)
+    for name in names:  # a variant computing something else would be timed for nothing
+        info[name]["max_rel_diff_vs_hand"] = check_agreement(outputs[names[0]], outputs[name],
+                                                             name, names[0])
     # A call of over a second (autodiff of grouped convolutions): 3 rounds are enough.
     slowest = max(min(info[name]["warmup_ms"]) for name in names)
     min_rounds = min(settings.min_rounds, 3) if slowest > 1000 else settings.min_rounds
@@ -1092,7 +1130,11 @@ Each workload is one gradient computation compiled twice with `jax.jit(...).lowe
 **hand** uses handgrad's `custom_vjp` ops, **autodiff** runs the same model or op from
 `handgrad.reference` (plain JAX) and lets `jax.grad`/`jax.vjp` differentiate it (PyTorch eager
 is a third column only when `torch` is importable). Compilation (its time is the "compile"
-column) and two warm-up runs are excluded. Each variant is compiled several times ("executables
+column) and two warm-up runs are excluded. Before anything is timed, every variant's first
+result is compared with hand's, leaf by leaf: a variant off by more than 1e-3 of the largest
+magnitude (float32 round-off is ~1e-6) fails its workload instead of being timed, so a ratio
+always compares two computations of the same gradient (the worst difference is
+`max_rel_diff_vs_hand` in bench.json). Each variant is compiled several times ("executables
 per variant" above): on this CPU the same program compiled twice ran at speeds 5–12 % apart,
 persistently within a process (an MLP step with identical optimized HLO: 5.9 vs 6.7 ms), which
 a single executable per variant would put into the ratio as a random bias. The executables are

@@ -7,12 +7,14 @@ that the markdown report was regenerated.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _modules import load_file
 
@@ -87,6 +89,8 @@ def test_json_structure(quick_run):
             assert all(_positive(v) for v in stats["samples_ms"])
             if variant != "torch":
                 assert _positive(stats["compile_ms"])
+            # every variant's first result was checked against hand's before it was timed
+            assert 0 <= stats["max_rel_diff_vs_hand"] <= 1e-3, (w["name"], variant)
         ratios = w["ratios"]
         assert _positive(ratios["hand_over_autodiff"]) and _positive(ratios["autodiff_over_hand"])
         assert math.isclose(ratios["hand_over_autodiff"] * ratios["autodiff_over_hand"], 1.0)
@@ -152,3 +156,36 @@ def test_measure_times_every_executable_and_takes_their_median_per_round(monkeyp
         assert record["executables"] == 2 and record["rounds"] == 3
         assert len(record["samples_ms"]) == 3 and len(record["executable_medians_ms"]) == 2
         assert all(_positive(v) for v in record["executable_medians_ms"])
+
+
+def test_check_agreement_refuses_variants_that_compute_something_else():
+    """A variant whose gradient differs (a wrong value, another shape, a NaN, leaves in another
+    order) fails its workload instead of being timed; float32 round-off passes."""
+    import jax.numpy as jnp
+
+    bench = load_file("handgrad_bench_script", SCRIPT)
+    rng = np.random.default_rng(7)
+    grads = {"w": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32),
+             "b": jnp.asarray(rng.standard_normal(5), jnp.float32)}
+    rounded = {k: v * (1 + 1e-6) for k, v in grads.items()}
+    assert 0 < bench.check_agreement(grads, rounded, "autodiff", "hand") < 1e-5
+    wrong = dict(grads, w=grads["w"].at[4, 2].add(0.01 * float(jnp.abs(grads["w"]).max())))
+    with pytest.raises(AssertionError, match=r"disagrees.*leaf 1 "):
+        bench.check_agreement(grads, wrong, "autodiff", "hand")
+    with pytest.raises(AssertionError, match="disagrees"):
+        bench.check_agreement(grads, dict(grads, b=grads["b"].at[0].set(jnp.nan)), "t", "hand")
+    with pytest.raises(AssertionError, match="shapes"):
+        bench.check_agreement(grads, (grads["w"].T, grads["b"]), "torch", "hand")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="torch is optional and not installed")
+def test_torch_column_when_torch_is_installed(quick_run):
+    """With torch importable, the models, the conv sweep, pooling and the loss each get a torch
+    column (checked against hand like the others) and a hand/torch ratio."""
+    out, _, _ = quick_run
+    data = json.loads((out / "bench.json").read_text())
+    assert data["environment"]["torch"]
+    for w in data["workloads"]:
+        assert "torch" in w["variants"], w["name"]
+        assert _positive(w["ratios"]["hand_over_torch"]), w["name"]
