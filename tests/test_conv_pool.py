@@ -212,6 +212,8 @@ def test_conv2d_single_channel_matches_seed004_loops(in_hw, k_hw, stride, paddin
 
 
 def _conv_paths_of_registered_cases():
+    """(paths, (groups, per-group paths)) of every registered conv2d case; the second is None
+    unless the case is evaluated group by group."""
     from handgrad import registry
     from handgrad.ops import _conv
 
@@ -220,23 +222,54 @@ def _conv_paths_of_registered_cases():
         x, w, *b = case.make_args(jax.random.PRNGKey(0), jnp.float32)
         kwargs = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, **case.kwargs}
         config = _conv.conv2d_config("conv2d", x, w, b[0] if b else None, **kwargs)
-        paths.append(_conv.evaluation_paths(w.shape, config))
+        case_paths = _conv.evaluation_paths(w.shape, config)
+        per_group = ((kwargs["groups"], _conv.group_paths(w.shape, config)[1])
+                     if case_paths.forward == "per_group" else None)
+        paths.append((case_paths, per_group))
     return paths
 
 
 def test_registered_conv_cases_exercise_every_evaluation_path():
     """derivations §4.6: each formula has several evaluations chosen by shape; the registry's
     cases (checked against autodiff and finite differences in test_ops) must reach all of
-    them, so that a threshold change cannot leave a path untested."""
+    them — and, inside a grouped convolution, every ungrouped one a group can take — so that a
+    threshold change cannot leave a path untested."""
     from handgrad.ops import _conv
 
-    paths = _conv_paths_of_registered_cases()
+    cases = _conv_paths_of_registered_cases()
+    paths = [case_paths for case_paths, _ in cases]
     assert {p.forward for p in paths} == set(_conv._FORWARD) == {
-        "pointwise", "banded", "depthwise", "xla"}
+        "pointwise", "banded", "depthwise", "xla", "per_group"}
     assert {p.input_grad for p in paths} == set(_conv._INPUT_GRAD) == {
-        "pointwise", "col2im", "depthwise", "xla"}
+        "pointwise", "col2im", "depthwise", "xla", "per_group"}
     assert {p.weight_grad for p in paths} == set(_conv._WEIGHT_GRAD) == {
-        "pointwise", "banded", "xla", "per_tap"}
+        "pointwise", "banded", "xla", "per_tap", "per_group"}
+    group_counts = [count for _, (count, _) in filter(lambda case: case[1], cases)]
+    groups = [per_group for _, (_, per_group) in filter(lambda case: case[1], cases)]
+    assert {p.forward for p in groups} == {"pointwise", "banded", "xla"}
+    # both ways of looping over the groups: unrolled, and lax.map beyond UNROLLED_GROUPS
+    assert min(group_counts) <= _conv.UNROLLED_GROUPS < max(group_counts)
+    assert {p.input_grad for p in groups} == {"pointwise", "col2im", "xla"}
+    assert {p.weight_grad for p in groups} == {"pointwise", "banded", "xla"}
+
+
+def test_group_col2im_bounds():
+    """A group's dx takes col2im only with ≤ GROUP_COL2IM_CHANNELS input channels and at most
+    GROUP_COL2IM_GROUPS groups (measured, derivations §4.6); alone, C = 8 still takes it."""
+    from handgrad.ops import _conv
+
+    def dx_path(c, o, groups, stride=1):
+        x = jax.ShapeDtypeStruct((2, c, 8, 8), jnp.float32)
+        w = jax.ShapeDtypeStruct((o, c // groups, 3, 3), jnp.float32)
+        config = _conv.conv2d_config("conv2d", x, w, None, stride, 1, 1, groups)
+        paths = _conv.evaluation_paths(w.shape, config)
+        return paths.input_grad if groups == 1 else _conv.group_paths(w.shape, config)[1].input_grad
+
+    assert dx_path(8, 8, 1) == "col2im"
+    assert dx_path(16, 16, 4) == "col2im" and dx_path(32, 32, 16) == "col2im"
+    assert dx_path(20, 20, 4) == "xla"  # 5 channels per group
+    assert dx_path(64, 64, 32) == "xla"  # 2 channels per group, but 32 groups
+    assert dx_path(16, 16, 4, stride=2) == "xla"
 
 
 @pytest.mark.parametrize("x_shape, w_shape, kwargs, convolutions, cpu_only_op", [
@@ -250,6 +283,9 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
     ((2, 5, 6, 6), (3, 5, 1, 1), dict(), {"cuda": 3, "cpu": 0}, "stablehlo.dot_general"),
     # depthwise stencil on CPU (dw is the per-tap contraction everywhere, §4.4)
     ((2, 4, 9, 9), (4, 1, 3, 3), dict(groups=4, padding=1), {"cuda": 2, "cpu": 0}, None),
+    # grouped, C/G = 5: one grouped convolution for forward and dx elsewhere, dw per tap; on
+    # CPU each of the 3 groups is an ungrouped forward, dx and dw convolution
+    ((2, 15, 8, 8), (6, 5, 3, 3), dict(groups=3), {"cuda": 2, "cpu": 9}, None),
 ])
 def test_cpu_tuned_conv_paths_lower_to_xla_convolutions_elsewhere(
         x_shape, w_shape, kwargs, convolutions, cpu_only_op):

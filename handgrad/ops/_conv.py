@@ -16,8 +16,8 @@ Backward, given the error map g = ∂J/∂z (N, O, Ho, Wo):
 Each formula is evaluated in the form measured fastest on CPU for its shape (derivations §4.6):
 1×1 kernels as batched GEMMs (the dense layer's rules per pixel), few input channels as
 banded GEMMs (forward, dw) and GEMM + col2im (dx), depthwise as per-channel stencils,
-otherwise one XLA convolution per formula; grouped dw per kernel tap. On GPU/TPU (unmeasured
-there) XLA's convolutions.
+grouped convolutions as G ungrouped ones, each by those rules; otherwise one XLA convolution
+per formula. On GPU/TPU (unmeasured there) XLA's convolutions, and grouped dw per kernel tap.
 
 Derivation: docs/derivations.md §4.
 """
@@ -56,14 +56,23 @@ FEW_OUTPUTS = 8
 # XLA's. The price is a temporary of kh·kw × dx's size in float32 (LeNet-5's conv2: 7.3 MiB;
 # the compiled step's XLA temp 6.4 → 12.6 MiB, autodiff's is 23.4).
 COL2IM_CHANNELS = 8
+# Grouped convolutions (1 < C/G) are evaluated group by group on CPU: XLA:CPU's grouped
+# convolution ran at 1–7 GFLOP/s (e.g. 64→64, groups 8, 32×32, batch 16: forward 49 ms,
+# dx 43 ms), G ungrouped ones 3–9× faster (forward 5.4, dx 6.8 ms). Per group, dx by
+# col2im needs fewer channels than alone, and few groups: at C/G = 8 XLA's was faster
+# (6.8–7.4 vs 20–25 ms at 32×32, 3.4 vs 4.4 at 16×16); at C/G = 2–4 col2im won with 8–16
+# groups (2.4–4.0 vs 4.4–15 ms) but lost with 32 (C = 128, 16×16: 22 vs 15 ms), its
+# kh·kw in-place adds being repeated per group.
+GROUP_COL2IM_CHANNELS = 4
+GROUP_COL2IM_GROUPS = 16
 
 
 class ConvPaths(NamedTuple):
     """How each formula is evaluated for one configuration (derivations §4.6)."""
 
-    forward: str  # "pointwise" | "banded" | "depthwise" | "xla"
-    input_grad: str  # "pointwise" | "col2im" | "depthwise" | "xla"
-    weight_grad: str  # "pointwise" | "banded" | "xla" | "per_tap"
+    forward: str  # "pointwise" | "banded" | "depthwise" | "xla" | "per_group"
+    input_grad: str  # "pointwise" | "col2im" | "depthwise" | "xla" | "per_group"
+    weight_grad: str  # "pointwise" | "banded" | "xla" | "per_tap" | "per_group"
 
 
 def evaluation_paths(w_shape, config) -> ConvPaths:
@@ -75,22 +84,38 @@ def evaluation_paths(w_shape, config) -> ConvPaths:
     if groups > 1 and w_shape[1] == 1:
         return ConvPaths("depthwise", "depthwise", "per_tap")
     if groups > 1:
-        return ConvPaths("xla", "xla", "per_tap")
+        return ConvPaths("per_group", "per_group", "per_group")
     input_grad = "col2im" if stride == (1, 1) and c_in <= COL2IM_CHANNELS else "xla"
     if c_in > FEW_CHANNELS:
         return ConvPaths("xla", input_grad, "xla")
     return ConvPaths("banded", input_grad, "banded" if w_shape[0] <= FEW_OUTPUTS else "xla")
 
 
+def group_paths(w_shape, config) -> tuple[tuple, ConvPaths]:
+    """The configuration and paths of one group of a "per_group" convolution: an ungrouped
+    convolution of C/G → O/G channels, evaluated by the table above — except that its dx
+    takes col2im only with few channels per group and few groups (GROUP_COL2IM_…)."""
+    stride, padding, dilation, groups, in_hw = config
+    o, cg, kh, kw = w_shape
+    one_group = (stride, padding, dilation, 1, in_hw)
+    paths = evaluation_paths((o // groups, cg, kh, kw), one_group)
+    if paths.input_grad == "col2im" and (cg > GROUP_COL2IM_CHANNELS
+                                         or groups > GROUP_COL2IM_GROUPS):
+        paths = paths._replace(input_grad="xla")
+    return one_group, paths
+
+
 # The paths were chosen by measurement on CPU only. Elsewhere (GPU, TPU) XLA's convolutions
 # (cuDNN on NVIDIA) stay until measured there: `lax.platform_dependent` keeps both branches in
-# the traced program and lowering keeps only the one for the platform it lowers for.
-# Grouped dw's per-tap path is used everywhere (it predates this table, derivations §4.4).
-_CPU_ONLY = frozenset({"pointwise", "banded", "col2im", "depthwise"})
+# the traced program and lowering keeps only the one for the platform it lowers for. There,
+# grouped dw is the per-tap contraction (derivations §4.4): XLA's would be a batch-group
+# convolution, which XLA:CPU expands 30–50× and which the per-tap path predates this table for.
+_CPU_ONLY = frozenset({"pointwise", "banded", "col2im", "depthwise", "per_group"})
 
 
-def _on_cpu(path, table, arrays, statics):
-    """table[path] on CPU; table["xla"] on other platforms when the path was tuned on CPU."""
+def _on_cpu(path, table, arrays, statics, elsewhere="xla"):
+    """table[path] on CPU; table[elsewhere] on other platforms when the path was tuned on
+    CPU."""
     def evaluate(key):
         return lambda *a: table[key](*a, *statics)
 
@@ -102,7 +127,7 @@ def _on_cpu(path, table, arrays, statics):
     return lax.platform_dependent(
         *arrays,
         cpu=lambda *a: evaluate(path)(*a).astype(dtype),
-        default=lambda *a: evaluate("xla")(*a).astype(dtype),
+        default=lambda *a: evaluate(elsewhere)(*a).astype(dtype),
     )
 
 
@@ -416,7 +441,8 @@ def conv2d_weight_grad(x, g, w_shape, config):
     """dw[o, c, a, b] = Σ_{n,i,j} g[n, o, i, j] · x_pad[n, c, i·s + a·d, j·s + b·d] (seed 004),
     evaluated as :func:`evaluation_paths` says (derivations §4.6)."""
     path = evaluation_paths(w_shape, config).weight_grad
-    return _on_cpu(path, _WEIGHT_GRAD, (x, g), (w_shape, config))
+    elsewhere = "per_tap" if config[3] > 1 else "xla"
+    return _on_cpu(path, _WEIGHT_GRAD, (x, g), (w_shape, config), elsewhere)
 
 
 def _convolution_weight_grad(x, g, w_shape, config):
@@ -463,13 +489,73 @@ def _grouped_weight_grad(x, g, w_shape, config):
     return dw.reshape(o, cg, kh, kw)
 
 
+# --- grouped: G independent convolutions ----------------------------------------------------
+# With groups, seed 004's sums run over one group's channels only: output channels
+# [k·O/G, (k+1)·O/G) read input channels [k·C/G, (k+1)·C/G) and nothing else. So every formula
+# splits into G ungrouped ones — group k's z from its x and w, its dx from its g and w, its dw
+# from its x and g — each evaluated as the table says for C/G → O/G channels (group_paths).
+#
+# Up to this many groups the G convolutions are unrolled, each compiled on its own; beyond,
+# one body is compiled and `lax.map` loops over the groups. Measured (forward + dx + dw,
+# CPU): unrolled was 1.6–7× faster at 8 groups (e.g. 64→64, 16×16: 7.9 vs 44.8 ms) and 15 %
+# faster at 32 (35.9 vs 41.4 ms, compiling in 2.2 s instead of 0.4), but at 64 and 128 groups
+# the loop was as fast or faster (17.4 vs 21.0, 12.7 vs 15.2 ms) and compiled in 0.5 s
+# instead of 5–10.
+UNROLLED_GROUPS = 32
+
+
+def _over_groups(evaluate, a, b, axes, out_axis, groups):
+    """evaluate(a_k, b_k) for the G groups k of ``a`` and ``b`` (split along ``axes``), joined
+    along ``out_axis``."""
+    if groups <= UNROLLED_GROUPS:
+        pieces = zip(jnp.split(a, groups, axes[0]), jnp.split(b, groups, axes[1]))
+        return jnp.concatenate([evaluate(a_k, b_k) for a_k, b_k in pieces], axis=out_axis)
+
+    def group_axis_first(array, axis):  # (…, G·k, …) -> (G, …, k, …)
+        shape = array.shape
+        split = array.reshape(*shape[:axis], groups, shape[axis] // groups, *shape[axis + 1:])
+        return jnp.moveaxis(split, axis, 0)
+
+    out = lax.map(lambda pair: evaluate(*pair),
+                  (group_axis_first(a, axes[0]), group_axis_first(b, axes[1])))
+    out = jnp.moveaxis(out, 0, out_axis)  # (…, G, k, …) -> (…, G·k, …)
+    return out.reshape(*out.shape[:out_axis], -1, *out.shape[out_axis + 2:])
+
+
+def _per_group_forward(x, w, config):
+    one_group, paths = group_paths(w.shape, config)
+    evaluate = _FORWARD[paths.forward]
+    return _over_groups(lambda x_k, w_k: evaluate(x_k, w_k, one_group), x, w, (1, 0), 1,
+                        config[3])
+
+
+def _per_group_input_grad(g, w, config):
+    one_group, paths = group_paths(w.shape, config)
+    evaluate = _INPUT_GRAD[paths.input_grad]
+    return _over_groups(lambda g_k, w_k: evaluate(g_k, w_k, one_group), g, w, (1, 0), 1,
+                        config[3])
+
+
+def _per_group_weight_grad(x, g, w_shape, config):
+    one_group, paths = group_paths(w_shape, config)
+    evaluate = _WEIGHT_GRAD[paths.weight_grad]
+    groups = config[3]
+    o, cg, kh, kw = w_shape
+    group_w_shape = (o // groups, cg, kh, kw)
+    return _over_groups(lambda x_k, g_k: evaluate(x_k, g_k, group_w_shape, one_group), x, g,
+                        (1, 1), 0, groups)
+
+
 # Each formula's evaluations, keyed by the names evaluation_paths() returns.
 _FORWARD = {"pointwise": _pointwise_forward, "banded": _banded_forward,
-            "depthwise": _depthwise_forward, "xla": _xla_forward}
+            "depthwise": _depthwise_forward, "xla": _xla_forward,
+            "per_group": _per_group_forward}
 _INPUT_GRAD = {"pointwise": _pointwise_input_grad, "col2im": _col2im_input_grad,
-               "depthwise": _depthwise_input_grad, "xla": _full_convolution_input_grad}
+               "depthwise": _depthwise_input_grad, "xla": _full_convolution_input_grad,
+               "per_group": _per_group_input_grad}
 _WEIGHT_GRAD = {"pointwise": _pointwise_weight_grad, "banded": _banded_weight_grad,
-                "xla": _convolution_weight_grad, "per_tap": _grouped_weight_grad}
+                "xla": _convolution_weight_grad, "per_tap": _grouped_weight_grad,
+                "per_group": _per_group_weight_grad}
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
