@@ -413,12 +413,12 @@ register(OpSpec(
         _conv_case((1, 4, 8, 7), (4, 2, 2, 3), stride=(2, 1), dilation=(1, 2),
                    padding=((2, 0), (1, 1)), groups=2),
         # Grouped, evaluated group by group (§4.6): C/G = 4 (XLA's forward and dw, col2im dx);
-        # C/G = 5 strided (XLA's dx); 1×1 (GEMMs); C/G = 2 with 33 groups (XLA's dx, and
-        # more groups than are unrolled: one lax.map over them).
+        # C/G = 5 strided (XLA's dx); 1×1 (GEMMs); C/G = O/G = 2 with 33 groups (XLA's dx,
+        # and more groups than are unrolled: one lax.map over them).
         _conv_case((2, 8, 6, 7), (6, 4, 3, 2), padding=1, groups=2),
         _conv_case((1, 15, 7, 6), (6, 5, 2, 3), stride=2, dilation=(2, 1), bias=False, groups=3),
         _conv_case((2, 6, 5, 4), (4, 3, 1, 1), stride=(1, 2), groups=2),
-        _conv_case((1, 66, 4, 5), (33, 2, 3, 3), padding=1, groups=33),
+        _conv_case((1, 66, 4, 5), (66, 2, 3, 3), padding=1, groups=33),
     ),
     random_case=_random_conv_case,
     derivation="§4",

@@ -829,6 +829,8 @@ def bf16_vs_f32(fn, args, ct):
     ((2, 9, 8, 7), (4, 9, 3, 3), dict(padding=1)),  # XLA's convolutions
     ((2, 6, 7, 8), (5, 6, 1, 1), dict(stride=2)),  # 1×1: batched GEMMs
     ((2, 4, 9, 8), (8, 1, 3, 3), dict(groups=4, padding=1)),  # depthwise, multiplier 2
+    ((2, 16, 6, 6), (8, 4, 3, 3), dict(groups=4, padding=1)),  # per group: XLA fwd, col2im dx
+    ((2, 68, 5, 6), (68, 2, 3, 3), dict(groups=34, padding=1)),  # per group by lax.map, banded
 ], ids=str)
 def test_conv2d_bfloat16_within_tolerance_of_float32(x_shape, w_shape, kwargs):
     """Every evaluation path (derivations §4.6) accumulates 16-bit inputs in float32."""

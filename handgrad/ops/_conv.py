@@ -16,7 +16,8 @@ Backward, given the error map g = ∂J/∂z (N, O, Ho, Wo):
 Each formula is evaluated in the form measured fastest on CPU for its shape (derivations §4.6):
 1×1 kernels as batched GEMMs (the dense layer's rules per pixel), few input channels as
 banded GEMMs (forward, dw) and GEMM + col2im (dx), depthwise as per-channel stencils,
-grouped convolutions as G ungrouped ones, each by those rules; otherwise one XLA convolution
+grouped convolutions as G ungrouped ones, each by those rules (col2im dx within a group
+only for fewer channels and groups); otherwise one XLA convolution
 per formula. On GPU/TPU (unmeasured there) XLA's convolutions, and grouped dw per kernel tap.
 
 Derivation: docs/derivations.md §4.
@@ -107,9 +108,9 @@ def group_paths(w_shape, config) -> tuple[tuple, ConvPaths]:
 
 # The paths were chosen by measurement on CPU only. Elsewhere (GPU, TPU) XLA's convolutions
 # (cuDNN on NVIDIA) stay until measured there: `lax.platform_dependent` keeps both branches in
-# the traced program and lowering keeps only the one for the platform it lowers for. There,
-# grouped dw is the per-tap contraction (derivations §4.4): XLA's would be a batch-group
-# convolution, which XLA:CPU expands 30–50× and which the per-tap path predates this table for.
+# the traced program and lowering keeps only the one for the platform it lowers for. Off the
+# CPU, grouped dw stays the per-tap contraction (derivations §4.4), as before this table and
+# unmeasured there; XLA's alternative is a batch-group convolution.
 _CPU_ONLY = frozenset({"pointwise", "banded", "col2im", "depthwise", "per_group"})
 
 
@@ -468,7 +469,8 @@ def _convolution_weight_grad(x, g, w_shape, config):
 
 def _grouped_weight_grad(x, g, w_shape, config):
     """dw per kernel offset (a, b): one strided slice of the padded input and one contraction
-    over (n, i, j), batched over groups — an im2col whose columns are never concatenated."""
+    over (n, i, j), batched over groups — an im2col whose columns are never concatenated.
+    Used for depthwise convolutions, and for every grouped one off the CPU."""
     stride, padding, dilation, groups, _ = config
     xp = _windows.pad_spatial(x, padding, 0)
     n = x.shape[0]
