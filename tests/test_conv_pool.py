@@ -244,13 +244,14 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
         "pointwise", "col2im", "depthwise", "xla", "per_group"}
     assert {p.weight_grad for p in paths} == set(_conv._WEIGHT_GRAD) == {
         "pointwise", "banded", "xla", "per_tap", "per_group"}
-    group_counts = [count for _, (count, _) in filter(lambda case: case[1], cases)]
-    groups = [per_group for _, (_, per_group) in filter(lambda case: case[1], cases)]
+    grouped = [per_group for _, per_group in cases if per_group is not None]
+    groups = [paths for _, paths in grouped]
     assert {p.forward for p in groups} == {"pointwise", "banded", "xla"}
-    # both ways of looping over the groups: unrolled, and lax.map beyond UNROLLED_GROUPS
-    assert min(group_counts) <= _conv.UNROLLED_GROUPS < max(group_counts)
     assert {p.input_grad for p in groups} == {"pointwise", "col2im", "xla"}
     assert {p.weight_grad for p in groups} == {"pointwise", "banded", "xla"}
+    # both ways of looping over the groups: unrolled, and lax.map beyond UNROLLED_GROUPS
+    group_counts = [count for count, _ in grouped]
+    assert min(group_counts) <= _conv.UNROLLED_GROUPS < max(group_counts)
 
 
 def test_group_col2im_bounds():

@@ -17,8 +17,8 @@ Each formula is evaluated in the form measured fastest on CPU for its shape (der
 1×1 kernels as batched GEMMs (the dense layer's rules per pixel), few input channels as
 banded GEMMs (forward, dw) and GEMM + col2im (dx), depthwise as per-channel stencils,
 grouped convolutions as G ungrouped ones, each by those rules (col2im dx within a group
-only for fewer channels and groups); otherwise one XLA convolution
-per formula. On GPU/TPU (unmeasured there) XLA's convolutions, and grouped dw per kernel tap.
+only for fewer channels and groups); otherwise one XLA convolution per formula. On GPU/TPU
+(unmeasured there) XLA's convolutions, and grouped dw per kernel tap.
 
 Derivation: docs/derivations.md §4.
 """
@@ -524,17 +524,13 @@ def _over_groups(evaluate, a, b, axes, out_axis, groups):
     return out.reshape(*out.shape[:out_axis], -1, *out.shape[out_axis + 2:])
 
 
-def _per_group_forward(x, w, config):
+def _per_group_with_kernel(formula, a, w, config):
+    """The forward (formula "forward", a = x) or dx ("input_grad", a = g): group k's slice of
+    the channel axis from a's group k and w's."""
     one_group, paths = group_paths(w.shape, config)
-    evaluate = _FORWARD[paths.forward]
-    return _over_groups(lambda x_k, w_k: evaluate(x_k, w_k, one_group), x, w, (1, 0), 1,
-                        config[3])
-
-
-def _per_group_input_grad(g, w, config):
-    one_group, paths = group_paths(w.shape, config)
-    evaluate = _INPUT_GRAD[paths.input_grad]
-    return _over_groups(lambda g_k, w_k: evaluate(g_k, w_k, one_group), g, w, (1, 0), 1,
+    table = {"forward": _FORWARD, "input_grad": _INPUT_GRAD}[formula]
+    evaluate = table[getattr(paths, formula)]
+    return _over_groups(lambda a_k, w_k: evaluate(a_k, w_k, one_group), a, w, (1, 0), 1,
                         config[3])
 
 
@@ -551,10 +547,10 @@ def _per_group_weight_grad(x, g, w_shape, config):
 # Each formula's evaluations, keyed by the names evaluation_paths() returns.
 _FORWARD = {"pointwise": _pointwise_forward, "banded": _banded_forward,
             "depthwise": _depthwise_forward, "xla": _xla_forward,
-            "per_group": _per_group_forward}
+            "per_group": partial(_per_group_with_kernel, "forward")}
 _INPUT_GRAD = {"pointwise": _pointwise_input_grad, "col2im": _col2im_input_grad,
                "depthwise": _depthwise_input_grad, "xla": _full_convolution_input_grad,
-               "per_group": _per_group_input_grad}
+               "per_group": partial(_per_group_with_kernel, "input_grad")}
 _WEIGHT_GRAD = {"pointwise": _pointwise_weight_grad, "banded": _banded_weight_grad,
                 "xla": _convolution_weight_grad, "per_tap": _grouped_weight_grad,
                 "per_group": _per_group_weight_grad}
