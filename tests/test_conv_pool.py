@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import handgrad as hg
+from handgrad import registry
 
 TIGHT = 1e-12  # float64, relative to the largest magnitude
 
@@ -214,7 +215,6 @@ def test_conv2d_single_channel_matches_seed004_loops(in_hw, k_hw, stride, paddin
 def _conv_paths_of_registered_cases():
     """(paths, (groups, per-group paths)) of every registered conv2d case; the second is None
     unless the case is evaluated group by group."""
-    from handgrad import registry
     from handgrad.ops import _conv
 
     paths = []
@@ -242,8 +242,9 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
         "pointwise", "banded", "depthwise", "xla", "per_group"}
     assert {p.input_grad for p in paths} == set(_conv._INPUT_GRAD) == {
         "pointwise", "col2im", "depthwise", "xla", "per_group"}
-    assert {p.weight_grad for p in paths} == set(_conv._WEIGHT_GRAD) == {
-        "pointwise", "banded", "xla", "per_tap", "per_group"}
+    # "per_tap" is the grouped dw off the CPU only: test_off_cpu_evaluations_agree_on_cpu
+    assert {p.weight_grad for p in paths} == set(_conv._WEIGHT_GRAD) - {"per_tap"} == {
+        "pointwise", "banded", "depthwise", "xla", "per_group"}
     grouped = [per_group for _, per_group in cases if per_group is not None]
     groups = [paths for _, paths in grouped]
     assert {p.forward for p in groups} == {"pointwise", "banded", "xla"}
@@ -252,6 +253,32 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
     # both ways of looping over the groups: unrolled, and lax.map beyond UNROLLED_GROUPS
     group_counts = [count for count, _ in grouped]
     assert min(group_counts) <= _conv.UNROLLED_GROUPS < max(group_counts)
+
+
+@pytest.mark.parametrize("case_index", range(len(registry.REGISTRY["conv2d"].cases)),
+                         ids=[case.id for case in registry.REGISTRY["conv2d"].cases])
+def test_off_cpu_evaluations_agree_on_cpu(case_index):
+    """Off the CPU every formula is XLA's convolution (grouped dw: the per-tap contraction),
+    a branch lowering drops on CPU, so CPU-only runs would never execute it. Called directly
+    here, in float64 on fresh random inputs, each must equal the CPU path of every registered
+    case — so the GPU/TPU branch is checked for each shape the CPU paths are."""
+    from handgrad.ops import _conv
+
+    case = registry.REGISTRY["conv2d"].cases[case_index]
+    x, w, *b = case.make_args(jax.random.PRNGKey(100 + case_index), jnp.float64)
+    kwargs = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, **case.kwargs}
+    config = _conv.conv2d_config("conv2d", x, w, b[0] if b else None, **kwargs)
+    paths = _conv.evaluation_paths(w.shape, config)
+    z = _conv._FORWARD[paths.forward](x, w, config)
+    g = jax.random.normal(jax.random.PRNGKey(200 + case_index), z.shape, jnp.float64)
+    elsewhere_dw = "per_tap" if kwargs["groups"] > 1 else "xla"
+    assert_close(_conv._FORWARD["xla"](x, w, config), z, what=f"forward {paths.forward}")
+    assert_close(_conv._INPUT_GRAD["xla"](g, w, config),
+                 _conv._INPUT_GRAD[paths.input_grad](g, w, config),
+                 what=f"dx {paths.input_grad}")
+    assert_close(_conv._WEIGHT_GRAD[elsewhere_dw](x, g, w.shape, config),
+                 _conv._WEIGHT_GRAD[paths.weight_grad](x, g, w.shape, config),
+                 what=f"dw {paths.weight_grad} vs {elsewhere_dw}")
 
 
 def test_group_col2im_bounds():
@@ -282,7 +309,7 @@ def test_group_col2im_bounds():
     ((2, 6, 8, 8), (4, 6, 3, 3), dict(), {"cuda": 3, "cpu": 2}, "stablehlo.dot_general"),
     # 1×1: batched GEMMs on CPU
     ((2, 5, 6, 6), (3, 5, 1, 1), dict(), {"cuda": 3, "cpu": 0}, "stablehlo.dot_general"),
-    # depthwise stencil on CPU (dw is the per-tap contraction everywhere, §4.4)
+    # depthwise stencils on CPU (dw one variadic reduction); elsewhere dw per tap (§4.4)
     ((2, 4, 9, 9), (4, 1, 3, 3), dict(groups=4, padding=1), {"cuda": 2, "cpu": 0}, None),
     # grouped, C/G = 5: one grouped convolution for forward and dx elsewhere, dw per tap; on
     # CPU each of the 3 groups is an ungrouped forward, dx and dw convolution
