@@ -409,6 +409,9 @@ register(OpSpec(
         _conv_case((2, 3, 6, 5), (6, 1, 3, 3), groups=3, padding=1),  # depthwise, multiplier 2
         _conv_case((2, 4, 9, 8), (4, 1, 3, 2), groups=4, stride=2, dilation=(1, 2),
                    padding=((1, 2), (0, 1))),  # depthwise, strided and dilated
+        # depthwise, multiplier 3, batch 1: padding beyond the kernel's reach (dx's g_full
+        # is cropped, not padded) and a last padded column no window reaches
+        _conv_case((1, 2, 5, 6), (6, 1, 2, 3), groups=2, stride=(1, 3), padding=2),
         _conv_case((2, 3, 5, 4), (2, 3, 5, 4), bias=False),  # kernel = input size
         _conv_case((1, 4, 8, 7), (4, 2, 2, 3), stride=(2, 1), dilation=(1, 2),
                    padding=((2, 0), (1, 1)), groups=2),

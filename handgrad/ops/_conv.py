@@ -348,26 +348,41 @@ def _depthwise_forward(x, w, config):
 
 
 def _depthwise_input_grad(g, w, config):
-    """dx_pad[n, c, i·s + a·d, j·s + b·d] += Σ_m w[c·M + m, 0, a, b] · g[n, c·M + m, i, j]."""
+    """dx[n, c, p, q] = Σ_m Σ_{a,b} g_full[n, cM + m, p + ad, q + bd] · w[cM + m, 0, k−1−a, k−1−b]:
+    seed 004's full convolution with the 180°-rotated kernel, per channel. g_full is g dilated
+    by s (s − 1 zeros between entries) and padded by (k − 1)·d − p (negative: cropped), so
+    that it has the input's size plus the kernel's reach; the sum is then the depthwise
+    forward's stencil at stride 1.
+
+    Gathering each dx entry from k_h·k_w slices is one fused elementwise loop; the scatter form
+    (each tap's weighted copy of g placed back at its offset and summed) was 1.3–2.8× slower on
+    CPU: (32, 64, 16, 16) 3×3: 0.64 → 0.48 ms, stride 2 0.93 → 0.49, dilation 2 1.26 → 0.59;
+    multiplier 2, 5×5, (32, 16, 32, 32): 4.4 → 1.6 ms."""
     stride, padding, dilation, groups, in_hw = config
     o, _, kh, kw = w.shape
     n, _, ho, wo = g.shape
     multiplier = o // groups
+    (sh, sw), (dh, dw), ((top, _), (left, _)) = stride, dilation, padding
     acc_dtype = accumulation_dtype(g.dtype)
-    g_by_multiple = g.astype(acc_dtype).reshape(n, groups, multiplier, ho, wo)
+    g_full = lax.pad(g.astype(acc_dtype), jnp.zeros((), acc_dtype), (
+        (0, 0, 0),
+        (0, 0, 0),
+        ((kh - 1) * dh - top, in_hw[0] - 1 + top - (ho - 1) * sh, sh - 1),
+        ((kw - 1) * dw - left, in_hw[1] - 1 + left - (wo - 1) * sw, sw - 1),
+    ))
+    g_full = g_full.reshape(n, groups, multiplier, *g_full.shape[2:])
     taps = w.astype(acc_dtype).reshape(1, groups, multiplier, kh, kw, 1, 1)
-    padded_hw = _windows.padded_size(padding, in_hw)
-    dxp = None
+    dx = None
     for a in range(kh):
         for b in range(kw):
             # The sum over the multiplier written out, M elementwise terms: as a reduction
             # over a reshaped axis XLA:CPU ran each tap's sum as its own loop (M = 2, 5×5,
-            # (32, 16, 32, 32): dx 25 → 4.4 ms).
-            terms = [g_by_multiple[:, :, m] * taps[:, :, m, a, b] for m in range(multiplier)]
-            weighted = sum(terms[1:], start=terms[0])
-            piece = _windows.window_place(weighted, a, b, padded_hw, stride, dilation)
-            dxp = piece if dxp is None else dxp + piece
-    return _windows.crop_spatial(dxp, padding, in_hw).astype(g.dtype)
+            # (32, 16, 32, 32): 25 → 4.4 ms in the scatter form).
+            for m in range(multiplier):
+                window = _windows.window_slice(g_full[:, :, m], a, b, in_hw, (1, 1), dilation)
+                term = window * taps[:, :, m, kh - 1 - a, kw - 1 - b]
+                dx = term if dx is None else dx + term
+    return dx.astype(g.dtype)
 
 
 def _depthwise_weight_grad(x, g, w_shape, config):
