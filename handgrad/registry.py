@@ -412,6 +412,9 @@ register(OpSpec(
         # depthwise, multiplier 3, batch 1: padding beyond the kernel's reach (dx's g_full
         # is cropped, not padded) and a last padded column no window reaches
         _conv_case((1, 2, 5, 6), (6, 1, 2, 3), groups=2, stride=(1, 3), padding=2),
+        # depthwise 1×1, stride 3 > kernel: inputs between and after the windows get zero
+        _conv_case((1, 2, 8, 7), (4, 1, 1, 1), groups=2, stride=3),
+        _conv_case((2, 3, 7, 6), (3, 1, 2, 2), groups=3, stride=2, padding="SAME"),  # depthwise
         _conv_case((2, 3, 5, 4), (2, 3, 5, 4), bias=False),  # kernel = input size
         _conv_case((1, 4, 8, 7), (4, 2, 2, 3), stride=(2, 1), dilation=(1, 2),
                    padding=((2, 0), (1, 1)), groups=2),

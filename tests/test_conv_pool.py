@@ -271,7 +271,8 @@ def test_off_cpu_evaluations_agree_on_cpu(case_index):
     paths = _conv.evaluation_paths(w.shape, config)
     z = _conv._FORWARD[paths.forward](x, w, config)
     g = jax.random.normal(jax.random.PRNGKey(200 + case_index), z.shape, jnp.float64)
-    elsewhere_dw = "per_tap" if kwargs["groups"] > 1 else "xla"
+    elsewhere_dw = _conv.off_cpu_weight_grad(config)  # what conv2d_weight_grad lowers to
+    assert elsewhere_dw == ("per_tap" if kwargs["groups"] > 1 else "xla")
     assert_close(_conv._FORWARD["xla"](x, w, config), z, what=f"forward {paths.forward}")
     assert_close(_conv._INPUT_GRAD["xla"](g, w, config),
                  _conv._INPUT_GRAD[paths.input_grad](g, w, config),

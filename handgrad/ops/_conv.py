@@ -316,9 +316,10 @@ def _banded_weight_grad(x, g, w_shape, config):
 # --- depthwise (one input channel per group): a per-channel stencil ------------------------
 # With C/groups = 1 every output channel o reads one input channel, o // M (M = O/C, the
 # channel multiplier), and seed 004's sums have no channel sum left: the forward is kh·kw
-# multiply-adds of window slices and dx puts kh·kw weighted copies of g back — elementwise
-# work that XLA fuses into one loop. XLA:CPU's grouped convolution measured 15-46× slower
-# for the forward and 13-21× for dx at (32, 64, 16, 16), 3×3 (docs/benchmarks.md).
+# multiply-adds of window slices, dx the full convolution with the rotated kernel as the same
+# stencil, dw kh·kw sums of products — elementwise work that XLA fuses into loops. XLA:CPU's
+# grouped convolution measured 15-46× slower for the forward and 13-21× for dx at
+# (32, 64, 16, 16), 3×3 (docs/benchmarks.md).
 
 
 def _per_output_channel(x_like, multiplier):
@@ -348,11 +349,14 @@ def _depthwise_forward(x, w, config):
 
 
 def _depthwise_input_grad(g, w, config):
-    """dx[n, c, p, q] = Σ_m Σ_{a,b} g_full[n, cM + m, p + ad, q + bd] · w[cM + m, 0, k−1−a, k−1−b]:
-    seed 004's full convolution with the 180°-rotated kernel, per channel. g_full is g dilated
-    by s (s − 1 zeros between entries) and padded by (k − 1)·d − p (negative: cropped), so
-    that it has the input's size plus the kernel's reach; the sum is then the depthwise
-    forward's stencil at stride 1.
+    """dx[n, c, p, q] = Σ_m Σ_{a,b} g_full[n, cM+m, p + a·d, q + b·d] · w[cM+m, 0, kh−1−a, kw−1−b]:
+    seed 004's full convolution with the 180°-rotated kernel, per channel, at input position
+    (p, q). g_full is g dilated by s (s − 1 zeros between entries) with (kh − 1)·d − top rows
+    before it (negative: cropped), so that g[i] sits where the rotated kernel's taps reach the
+    inputs that window i read, and as many after it as make its height H + (kh − 1)·d — the
+    input's plus the kernel's reach; rows past the last window get zeros there, hence zero
+    gradient (likewise for columns). The sum is then the depthwise forward's stencil at
+    stride 1.
 
     Gathering each dx entry from k_h·k_w slices is one fused elementwise loop; the scatter form
     (each tap's weighted copy of g placed back at its offset and summed) was 1.3–2.8× slower on
@@ -362,13 +366,15 @@ def _depthwise_input_grad(g, w, config):
     o, _, kh, kw = w.shape
     n, _, ho, wo = g.shape
     multiplier = o // groups
-    (sh, sw), (dh, dw), ((top, _), (left, _)) = stride, dilation, padding
+    (sh, sw), (dil_h, dil_w), ((top, _), (left, _)) = stride, dilation, padding
     acc_dtype = accumulation_dtype(g.dtype)
+    # low + (Ho − 1)·s + 1 + high = H + (kh − 1)·d: the high side also covers the rows (from
+    # bottom padding or a stride remainder) that no window reached.
     g_full = lax.pad(g.astype(acc_dtype), jnp.zeros((), acc_dtype), (
         (0, 0, 0),
         (0, 0, 0),
-        ((kh - 1) * dh - top, in_hw[0] - 1 + top - (ho - 1) * sh, sh - 1),
-        ((kw - 1) * dw - left, in_hw[1] - 1 + left - (wo - 1) * sw, sw - 1),
+        ((kh - 1) * dil_h - top, in_hw[0] - 1 + top - (ho - 1) * sh, sh - 1),
+        ((kw - 1) * dil_w - left, in_hw[1] - 1 + left - (wo - 1) * sw, sw - 1),
     ))
     g_full = g_full.reshape(n, groups, multiplier, *g_full.shape[2:])
     taps = w.astype(acc_dtype).reshape(1, groups, multiplier, kh, kw, 1, 1)
@@ -491,8 +497,13 @@ def conv2d_weight_grad(x, g, w_shape, config):
     """dw[o, c, a, b] = Σ_{n,i,j} g[n, o, i, j] · x_pad[n, c, i·s + a·d, j·s + b·d] (seed 004),
     evaluated as :func:`evaluation_paths` says (derivations §4.6)."""
     path = evaluation_paths(w_shape, config).weight_grad
-    elsewhere = "per_tap" if config[3] > 1 else "xla"
-    return _on_cpu(path, _WEIGHT_GRAD, (x, g), (w_shape, config), elsewhere)
+    return _on_cpu(path, _WEIGHT_GRAD, (x, g), (w_shape, config), off_cpu_weight_grad(config))
+
+
+def off_cpu_weight_grad(config) -> str:
+    """The dw evaluation off the CPU: XLA's convolution, or per kernel tap for groups > 1
+    (XLA's alternative there is a batch-group convolution; derivations §4.4)."""
+    return "per_tap" if config[3] > 1 else "xla"
 
 
 def _convolution_weight_grad(x, g, w_shape, config):
