@@ -875,6 +875,31 @@ def test_conv2d_bfloat16_within_tolerance_of_float32(x_shape, w_shape, kwargs):
         assert_close(a.astype(jnp.float32), c, BF16_REL, what=f"{kwargs} {name}")
 
 
+BF16_LONG_SUM_REL = 1e-2  # a few bfloat16 roundings (2⁻⁸ each) of the result, not of each term
+
+
+@pytest.mark.parametrize("x_shape, w_shape, kwargs", [
+    ((8, 4, 32, 32), (4, 1, 3, 3), dict(groups=4, padding=1)),  # depthwise
+    ((8, 3, 32, 32), (4, 3, 3, 3), dict(padding=1)),  # banded forward and dw, col2im dx
+    ((8, 9, 16, 16), (4, 9, 3, 3), dict(padding=1)),  # XLA's convolutions
+    ((8, 6, 32, 32), (5, 6, 1, 1), dict()),  # 1×1: batched GEMMs
+    ((8, 16, 16, 16), (8, 4, 3, 3), dict(groups=4, padding=1)),  # per group
+], ids=str)
+def test_conv2d_bfloat16_long_sums_accumulate_in_float32(x_shape, w_shape, kwargs):
+    """dw and db sum N·Ho·Wo ≥ 2048 products: accumulated in bfloat16 they drift by ~5e-2 of
+    the result (measured on the depthwise path by swapping its accumulation dtype), in
+    float32 they are off by the final rounding only. BF16_REL above is too loose to tell."""
+    rng = np.random.default_rng(19)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))
+    b = rng.standard_normal(w_shape[0])
+    out_shape = jax.eval_shape(lambda x, w, b: hg.conv2d(x, w, b, **kwargs), x, w, b).shape
+    ct = rng.standard_normal(out_shape)
+    got, want = bf16_vs_f32(lambda x, w, b: hg.conv2d(x, w, b, **kwargs), (x, w, b), ct)
+    for name, a, c in zip(("out", "dx", "dw", "db"), got, want):
+        assert_close(a.astype(jnp.float32), c, BF16_LONG_SUM_REL, what=f"{kwargs} {name}")
+
+
 @pytest.mark.parametrize("kwargs", [dict(window=2), dict(window=3, stride=1, padding=1)],
                          ids=str)
 def test_pools_bfloat16_within_tolerance_of_float32(kwargs):
