@@ -75,7 +75,7 @@ class ConvPaths(NamedTuple):
     forward: str  # "pointwise" | "banded" | "depthwise" | "xla" | "per_group"
     input_grad: str  # "pointwise" | "col2im" | "depthwise" | "xla" | "per_group"
     weight_grad: str  # "pointwise" | "banded" | "depthwise" | "xla" | "per_group"
-    # (and off the CPU, a grouped dw is "per_tap": see conv2d_weight_grad)
+    # (and off the CPU, a grouped dw is "per_tap": see off_cpu_weight_grad)
 
 
 def evaluation_paths(w_shape, config) -> ConvPaths:
