@@ -862,8 +862,13 @@ def bf16_vs_f32(fn, args, ct):
     ((2, 68, 5, 6), (68, 2, 3, 3), dict(groups=34, padding=1)),  # per group by lax.map, banded
 ], ids=str)
 def test_conv2d_bfloat16_within_tolerance_of_float32(x_shape, w_shape, kwargs):
-    """Every evaluation path (derivations §4.6) accumulates 16-bit inputs in float32."""
-    rng = np.random.default_rng(18)
+    """Every evaluation path (derivations §4.6) takes 16-bit inputs and returns 16-bit results."""
+    assert_conv2d_bfloat16_close(x_shape, w_shape, kwargs, BF16_REL, seed=18)
+
+
+def assert_conv2d_bfloat16_close(x_shape, w_shape, kwargs, rel, seed):
+    """conv2d's output, dx, dw and db in bfloat16 within rel of float32 on the same values."""
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal(x_shape)
     w = rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))
     b = rng.standard_normal(w_shape[0])
@@ -872,7 +877,7 @@ def test_conv2d_bfloat16_within_tolerance_of_float32(x_shape, w_shape, kwargs):
     got, want = bf16_vs_f32(lambda x, w, b: hg.conv2d(x, w, b, **kwargs), (x, w, b), ct)
     for name, a, c in zip(("out", "dx", "dw", "db"), got, want):
         assert a.dtype == jnp.bfloat16, f"{name} came back as {a.dtype}"
-        assert_close(a.astype(jnp.float32), c, BF16_REL, what=f"{kwargs} {name}")
+        assert_close(a.astype(jnp.float32), c, rel, what=f"{kwargs} {name}")
 
 
 BF16_LONG_SUM_REL = 1e-2  # a few bfloat16 roundings (2⁻⁸ each) of the result, not of each term
@@ -889,15 +894,7 @@ def test_conv2d_bfloat16_long_sums_accumulate_in_float32(x_shape, w_shape, kwarg
     """dw and db sum N·Ho·Wo ≥ 2048 products: accumulated in bfloat16 they drift by ~5e-2 of
     the result (measured on the depthwise path by swapping its accumulation dtype), in
     float32 they are off by the final rounding only. BF16_REL above is too loose to tell."""
-    rng = np.random.default_rng(19)
-    x = rng.standard_normal(x_shape)
-    w = rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))
-    b = rng.standard_normal(w_shape[0])
-    out_shape = jax.eval_shape(lambda x, w, b: hg.conv2d(x, w, b, **kwargs), x, w, b).shape
-    ct = rng.standard_normal(out_shape)
-    got, want = bf16_vs_f32(lambda x, w, b: hg.conv2d(x, w, b, **kwargs), (x, w, b), ct)
-    for name, a, c in zip(("out", "dx", "dw", "db"), got, want):
-        assert_close(a.astype(jnp.float32), c, BF16_LONG_SUM_REL, what=f"{kwargs} {name}")
+    assert_conv2d_bfloat16_close(x_shape, w_shape, kwargs, BF16_LONG_SUM_REL, seed=19)
 
 
 @pytest.mark.parametrize("kwargs", [dict(window=2), dict(window=3, stride=1, padding=1)],
