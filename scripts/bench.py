@@ -323,8 +323,9 @@ class ConvCase:
                 "groups": self.groups}
 
     def hand_paths(self) -> str:
-        """How handgrad evaluates forward / dx / dw here (derivations §4.6). "xla" for all three
-        means the hand rules are the very convolutions autodiff emits: parity is expected."""
+        """How handgrad evaluates forward / dx / dw here (derivations §4.6). "inflated" is the
+        convolution autodiff emits, given base dilation 2 on CPU where XLA:CPU would otherwise
+        hand it to YNNPACK (with ≤ 16 features it is the very same convolution)."""
         x = jax.ShapeDtypeStruct((self.n, self.c, self.hw, self.hw), jnp.float32)
         w = jax.ShapeDtypeStruct((self.o, self.c // self.groups, self.k, self.k), jnp.float32)
         config = conv_impl.conv2d_config("conv2d", x, w, None, **self.kwargs())

@@ -238,18 +238,19 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
 
     cases = _conv_paths_of_registered_cases()
     paths = [case_paths for case_paths, _ in cases]
-    assert {p.forward for p in paths} == set(_conv._FORWARD) == {
-        "pointwise", "banded", "depthwise", "xla", "per_group"}
-    assert {p.input_grad for p in paths} == set(_conv._INPUT_GRAD) == {
-        "pointwise", "col2im", "depthwise", "xla", "per_group"}
-    # "per_tap" is the grouped dw off the CPU only: test_off_cpu_evaluations_agree_on_cpu
-    assert {p.weight_grad for p in paths} == set(_conv._WEIGHT_GRAD) - {"per_tap"} == {
-        "pointwise", "banded", "depthwise", "xla", "per_group"}
+    # "xla" (and "per_tap", a grouped dw) are the evaluations off the CPU only:
+    # test_off_cpu_evaluations_agree_on_cpu runs them
+    assert {p.forward for p in paths} == set(_conv._FORWARD) - {"xla"} == {
+        "pointwise", "banded", "depthwise", "inflated", "per_group"}
+    assert {p.input_grad for p in paths} == set(_conv._INPUT_GRAD) - {"xla"} == {
+        "pointwise", "col2im", "depthwise", "inflated", "per_group"}
+    assert {p.weight_grad for p in paths} == set(_conv._WEIGHT_GRAD) - {"xla", "per_tap"} == {
+        "pointwise", "banded", "depthwise", "inflated", "per_group"}
     grouped = [per_group for _, per_group in cases if per_group is not None]
     groups = [paths for _, paths in grouped]
-    assert {p.forward for p in groups} == {"pointwise", "banded", "xla"}
-    assert {p.input_grad for p in groups} == {"pointwise", "col2im", "xla"}
-    assert {p.weight_grad for p in groups} == {"pointwise", "banded", "xla"}
+    assert {p.forward for p in groups} == {"pointwise", "banded", "inflated"}
+    assert {p.input_grad for p in groups} == {"pointwise", "col2im", "inflated"}
+    assert {p.weight_grad for p in groups} == {"pointwise", "banded", "inflated"}
     # both ways of looping over the groups: unrolled, and lax.map beyond UNROLLED_GROUPS
     group_counts = [count for count, _ in grouped]
     assert min(group_counts) <= _conv.UNROLLED_GROUPS < max(group_counts)
@@ -296,9 +297,9 @@ def test_group_col2im_bounds():
 
     assert dx_path(8, 8, 1) == "col2im"
     assert dx_path(16, 16, 4) == "col2im" and dx_path(32, 32, 16) == "col2im"
-    assert dx_path(20, 20, 4) == "xla"  # 5 channels per group
-    assert dx_path(64, 64, 32) == "xla"  # 2 channels per group, but 32 groups
-    assert dx_path(16, 16, 4, stride=2) == "xla"
+    assert dx_path(20, 20, 4) == "inflated"  # 5 channels per group
+    assert dx_path(64, 64, 32) == "inflated"  # 2 channels per group, but 32 groups
+    assert dx_path(16, 16, 4, stride=2) == "inflated"
 
 
 @pytest.mark.parametrize("x_shape, w_shape, kwargs, convolutions, cpu_only_op", [
@@ -336,6 +337,34 @@ def test_cpu_tuned_conv_paths_lower_to_xla_convolutions_elsewhere(
     if cpu_only_op:
         assert cpu_only_op in programs["cpu"]
         assert cpu_only_op not in programs["cuda"]
+
+
+@pytest.mark.parametrize("batch, channels, dtype, inflated", [
+    (2, 17, jnp.float32, 3),  # forward, dx and dw all go to YNNPACK as written
+    (2, 16, jnp.float32, 0),  # ≤ 16 features: Eigen's convolution already
+    (17, 16, jnp.float32, 1),  # dw's input features are the batch
+    (2, 17, jnp.bfloat16, 0),  # YNNPACK takes no bfloat16 convolution
+    (2, 17, jnp.float64, 3),
+])
+def test_cpu_convolutions_inflated_exactly_where_ynnpack_would_take_them(
+        batch, channels, dtype, inflated):
+    """On CPU, XLA's convolution is written with base dilation 2 where XLA:CPU would give it
+    to YNNPACK (more than 16 input or output features, float32/64), measured slower than
+    Eigen's; lowered for a GPU, never (§4.6)."""
+    from jax import export
+
+    def forward_and_vjp(x, w, ct):
+        z, backward = jax.vjp(lambda x, w: hg.conv2d(x, w, padding=1), x, w)
+        return z, backward(ct)
+
+    x = jax.ShapeDtypeStruct((batch, channels, 6, 6), dtype)
+    w = jax.ShapeDtypeStruct((channels, channels, 3, 3), dtype)
+    ct = jax.eval_shape(lambda x, w: hg.conv2d(x, w, padding=1), x, w)
+    programs = {platform: export.export(jax.jit(forward_and_vjp), platforms=[platform])(
+        x, w, ct).mlir_module() for platform in ("cuda", "cpu")}
+    assert programs["cpu"].count("stablehlo.convolution") == 3
+    assert programs["cpu"].count("lhs_dilate = [2, 2]") == inflated
+    assert "lhs_dilate" not in programs["cuda"]
 
 
 WORKED_X = np.array([[1, 2, 0, 1], [0, 1, 3, 1], [2, 1, 0, 2], [1, 0, 1, 3]], float)

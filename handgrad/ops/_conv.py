@@ -72,10 +72,12 @@ GROUP_COL2IM_GROUPS = 16
 class ConvPaths(NamedTuple):
     """How each formula is evaluated for one configuration (derivations §4.6)."""
 
-    forward: str  # "pointwise" | "banded" | "depthwise" | "xla" | "per_group"
-    input_grad: str  # "pointwise" | "col2im" | "depthwise" | "xla" | "per_group"
-    weight_grad: str  # "pointwise" | "banded" | "depthwise" | "xla" | "per_group"
-    # (and off the CPU, a grouped dw is "per_tap": see off_cpu_weight_grad)
+    forward: str  # "pointwise" | "banded" | "depthwise" | "inflated" | "per_group"
+    input_grad: str  # "pointwise" | "col2im" | "depthwise" | "inflated" | "per_group"
+    weight_grad: str  # "pointwise" | "banded" | "depthwise" | "inflated" | "per_group"
+    # "inflated" is XLA's convolution, inflated on CPU where YNNPACK would take it; off the
+    # CPU every path is "xla" (the same convolution as written), and a grouped dw "per_tap"
+    # (see off_cpu_weight_grad).
 
 
 def evaluation_paths(w_shape, config) -> ConvPaths:
@@ -88,10 +90,11 @@ def evaluation_paths(w_shape, config) -> ConvPaths:
         return ConvPaths("depthwise", "depthwise", "depthwise")
     if groups > 1:
         return ConvPaths("per_group", "per_group", "per_group")
-    input_grad = "col2im" if stride == (1, 1) and c_in <= COL2IM_CHANNELS else "xla"
+    input_grad = "col2im" if stride == (1, 1) and c_in <= COL2IM_CHANNELS else "inflated"
     if c_in > FEW_CHANNELS:
-        return ConvPaths("xla", input_grad, "xla")
-    return ConvPaths("banded", input_grad, "banded" if w_shape[0] <= FEW_OUTPUTS else "xla")
+        return ConvPaths("inflated", input_grad, "inflated")
+    return ConvPaths("banded", input_grad,
+                     "banded" if w_shape[0] <= FEW_OUTPUTS else "inflated")
 
 
 def group_paths(w_shape, config) -> tuple[tuple, ConvPaths]:
@@ -104,7 +107,7 @@ def group_paths(w_shape, config) -> tuple[tuple, ConvPaths]:
     paths = evaluation_paths((o // groups, cg, kh, kw), one_group)
     if paths.input_grad == "col2im" and (cg > GROUP_COL2IM_CHANNELS
                                          or groups > GROUP_COL2IM_GROUPS):
-        paths = paths._replace(input_grad="xla")
+        paths = paths._replace(input_grad="inflated")
     return one_group, paths
 
 
@@ -113,7 +116,7 @@ def group_paths(w_shape, config) -> tuple[tuple, ConvPaths]:
 # the traced program and lowering keeps only the one for the platform it lowers for. Off the
 # CPU, grouped dw stays the per-tap contraction (derivations §4.4), as before this table and
 # unmeasured there; XLA's alternative is a batch-group convolution.
-_CPU_ONLY = frozenset({"pointwise", "banded", "col2im", "depthwise", "per_group"})
+_CPU_ONLY = frozenset({"pointwise", "banded", "col2im", "depthwise", "per_group", "inflated"})
 
 
 def _on_cpu(path, table, arrays, statics, elsewhere="xla"):
@@ -138,12 +141,50 @@ def _forward(x, w, config):
     return _on_cpu(evaluation_paths(w.shape, config).forward, _FORWARD, (x, w), (config,))
 
 
-def _xla_forward(x, w, config):
+def _xla_forward(x, w, config, inflate=False):
     stride, padding, dilation, groups, _ = config
-    return lax.conv_general_dilated(
-        x, w, window_strides=stride, padding=padding, rhs_dilation=dilation,
+    return _convolution(
+        x, w, inflate, window_strides=stride, padding=padding, rhs_dilation=dilation,
         dimension_numbers=_DIMENSIONS, feature_group_count=groups,
     )
+
+
+# --- XLA's convolution, and the same convolution inflated ----------------------------------
+# XLA:CPU (jax 0.10) hands a float32/float64 convolution with more than 16 input or output
+# features to YNNPACK, and every other one to Eigen's; measured here, YNNPACK's was the slower
+# of the two, most of all for dw (16→32, 32×32, batch 32: dw 10.4 ms against 4.4 with
+# YNNPACK switched off by XLA_FLAGS; forward 3.2 vs 2.3). A flag is the user's to set, not a
+# library's, but YNNPACK does not take a convolution with base (lhs) dilation, and one with
+# none can be given one without changing a single product: spread the input f = 2 apart
+# (zeros between its entries) and double the padding, the window's stride and its dilation,
+# and every window reads exactly the entries it read before (derivations §4.6). On CPU the
+# "inflated" paths do that, only where YNNPACK would otherwise take the convolution.
+YNNPACK_MIN_FEATURES = 17  # XLA's ynn_support.cc: max(input, output features) > 16
+_INFLATION = 2
+
+
+def _ynnpack_would_take(lhs, rhs, dimension_numbers, lhs_dilation) -> bool:
+    dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    features = max(lhs.shape[dims.lhs_spec[1]], rhs.shape[dims.rhs_spec[0]])
+    return (all(d == 1 for d in lhs_dilation) and features >= YNNPACK_MIN_FEATURES
+            and lhs.dtype in (jnp.float32, jnp.float64) and rhs.dtype == lhs.dtype)
+
+
+def _convolution(lhs, rhs, inflate, *, window_strides, padding, rhs_dilation,
+                 dimension_numbers, lhs_dilation=(1, 1), feature_group_count=1):
+    """lax.conv_general_dilated; with ``inflate``, where YNNPACK would take it, the same sums
+    on the input spread _INFLATION apart: entry h sits at f·h, padding f·p, and the window
+    reads f·(o·s + a·d) — entry o·s + a·d, as before — with f·s steps and f·d dilation."""
+    if inflate and _ynnpack_would_take(lhs, rhs, dimension_numbers, lhs_dilation):
+        f = _INFLATION
+        lhs_dilation = (f, f)
+        window_strides = tuple(f * s for s in window_strides)
+        rhs_dilation = tuple(f * d for d in rhs_dilation)
+        padding = tuple((f * lo, f * hi) for lo, hi in padding)
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count)
 
 
 # --- 1×1 kernels: the convolution is a matrix product per image ---------------------------
@@ -437,7 +478,7 @@ def conv2d_input_grad(g, w, config):
     return _on_cpu(path, _INPUT_GRAD, (g, w), (config,))
 
 
-def _full_convolution_input_grad(g, w, config):
+def _full_convolution_input_grad(g, w, config, inflate=False):
     """seed 004's δ_prev = pad(dilate_s(δ)) ⋆ rot180(w), as one XLA convolution."""
     stride, padding, dilation, groups, in_hw = config
     kernel_eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
@@ -452,8 +493,8 @@ def _full_convolution_input_grad(g, w, config):
     # convolution's lhs_dilation, and the edge padding is its padding: one XLA convolution.
     # Measured on XLA:CPU (jax 0.10): 3× faster than an explicit interior lax.pad of g, and a
     # pre-padded VALID convolution was 3-6× slower than passing the padding in.
-    return lax.conv_general_dilated(
-        g, rotate_180_swap_io(w, groups), window_strides=(1, 1), padding=full_pads,
+    return _convolution(
+        g, rotate_180_swap_io(w, groups), inflate, window_strides=(1, 1), padding=full_pads,
         lhs_dilation=stride, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS,
         feature_group_count=groups,
     )
@@ -506,7 +547,7 @@ def off_cpu_weight_grad(config) -> str:
     return "per_tap" if config[3] > 1 else "xla"
 
 
-def _convolution_weight_grad(x, g, w_shape, config):
+def _convolution_weight_grad(x, g, w_shape, config, inflate=False):
     """groups = 1: the sum for dw *is* a convolution — of the padded input (batch ↔ channel
     axes swapped, so the sum runs over n) with the error map as the kernel, dilated by the
     stride, moving in steps of the dilation. (groups > 1: XLA:CPU would lower that convolution
@@ -521,8 +562,8 @@ def _convolution_weight_grad(x, g, w_shape, config):
         # exactly k taps. Slicing extra taps off afterwards measured 2x slower.
         read = (out - 1) * s + (k - 1) * d + 1
         pads.append((lo, hi - (size + lo + hi - read)))
-    return lax.conv_general_dilated(
-        x, g, window_strides=dilation, padding=pads, rhs_dilation=stride,
+    return _convolution(
+        x, g, inflate, window_strides=dilation, padding=pads, rhs_dilation=stride,
         dimension_numbers=("CNHW", "IOHW", "CNHW"),
     )
 
@@ -608,12 +649,15 @@ def _per_group_weight_grad(x, g, w_shape, config):
 # Each formula's evaluations, keyed by the names evaluation_paths() returns.
 _FORWARD = {"pointwise": _pointwise_forward, "banded": _banded_forward,
             "depthwise": _depthwise_forward, "xla": _xla_forward,
+            "inflated": partial(_xla_forward, inflate=True),
             "per_group": partial(_per_group_with_kernel, "forward")}
 _INPUT_GRAD = {"pointwise": _pointwise_input_grad, "col2im": _col2im_input_grad,
                "depthwise": _depthwise_input_grad, "xla": _full_convolution_input_grad,
+               "inflated": partial(_full_convolution_input_grad, inflate=True),
                "per_group": partial(_per_group_with_kernel, "input_grad")}
 _WEIGHT_GRAD = {"pointwise": _pointwise_weight_grad, "banded": _banded_weight_grad,
                 "depthwise": _depthwise_weight_grad, "xla": _convolution_weight_grad,
+                "inflated": partial(_convolution_weight_grad, inflate=True),
                 "per_tap": _grouped_weight_grad,
                 "per_group": _per_group_weight_grad}
 
