@@ -1149,8 +1149,10 @@ interquartile range in parentheses; ratios are ratios of the medians, with the I
 per-round (paired) ratios. A target is marked "within noise" when its threshold lies inside
 that IQR. The conv sweep times the VJP w.r.t. (x, w, b) (the forward is dead code there and XLA
 removes it); `conv-dw-g8` asks for the weight gradient only. Each sweep row names how the hand
-rules evaluate forward/dx/dw (docs/derivations.md §4.6): where all three are `xla`, the hand
-backward *is* the convolution autodiff emits, so its ratio is 1 up to noise. Pool "fwdbwd" is
+rules evaluate forward/dx/dw (docs/derivations.md §4.6): `inflated` is the convolution autodiff
+emits, given base dilation 2 on CPU where XLA:CPU would otherwise hand it to YNNPACK — the same
+products, run by Eigen's convolution instead (with ≤ 16 features it is autodiff's very
+convolution, and the ratio is 1 up to noise). Pool "fwdbwd" is
 `jax.grad(lambda x: sum(pool(x)·ct))`, "bwd" applies the VJP function of a precomputed forward.
 Residual memory is the sum of `nbytes` of the leaves of `jax.vjp(f, params)[1]` (the arrays
 kept for the backward pass, deduplicated; "inputs excluded" drops the ones that are the
