@@ -339,26 +339,27 @@ def test_cpu_tuned_conv_paths_lower_to_xla_convolutions_elsewhere(
         assert cpu_only_op not in programs["cuda"]
 
 
-@pytest.mark.parametrize("batch, channels, dtype, inflated", [
-    (2, 17, jnp.float32, 3),  # forward, dx and dw all go to YNNPACK as written
-    (2, 16, jnp.float32, 0),  # ≤ 16 features: Eigen's convolution already
-    (17, 16, jnp.float32, 1),  # dw's input features are the batch
-    (2, 17, jnp.bfloat16, 0),  # YNNPACK takes no bfloat16 convolution
-    (2, 17, jnp.float64, 3),
+@pytest.mark.parametrize("batch, c_in, c_out, dtype, inflated", [
+    (2, 17, 18, jnp.float32, 3),  # forward, dx and dw: > 16 features on both sides
+    (2, 16, 16, jnp.float32, 0),  # ≤ 16 features: Eigen's convolution already
+    (17, 16, 16, jnp.float32, 1),  # dw's input features are the batch
+    (2, 12, 32, jnp.float32, 1),  # 12 on one side: YNNPACK kept for forward and dx, not dw
+    (2, 17, 18, jnp.bfloat16, 0),  # YNNPACK takes no bfloat16 convolution
+    (2, 17, 18, jnp.float64, 3),
 ])
-def test_cpu_convolutions_inflated_exactly_where_ynnpack_would_take_them(
-        batch, channels, dtype, inflated):
+def test_cpu_convolutions_inflated_exactly_where_measured_faster(
+        batch, c_in, c_out, dtype, inflated):
     """On CPU, XLA's convolution is written with base dilation 2 where XLA:CPU would give it
-    to YNNPACK (more than 16 input or output features, float32/64), measured slower than
-    Eigen's; lowered for a GPU, never (§4.6)."""
+    to YNNPACK and YNNPACK measured slower than Eigen's (dw always; forward and dx with more
+    than 16 features on both sides); lowered for a GPU, never (derivations §4.6)."""
     from jax import export
 
     def forward_and_vjp(x, w, ct):
         z, backward = jax.vjp(lambda x, w: hg.conv2d(x, w, padding=1), x, w)
         return z, backward(ct)
 
-    x = jax.ShapeDtypeStruct((batch, channels, 6, 6), dtype)
-    w = jax.ShapeDtypeStruct((channels, channels, 3, 3), dtype)
+    x = jax.ShapeDtypeStruct((batch, c_in, 6, 6), dtype)
+    w = jax.ShapeDtypeStruct((c_out, c_in, 3, 3), dtype)
     ct = jax.eval_shape(lambda x, w: hg.conv2d(x, w, padding=1), x, w)
     programs = {platform: export.export(jax.jit(forward_and_vjp), platforms=[platform])(
         x, w, ct).mlir_module() for platform in ("cuda", "cpu")}

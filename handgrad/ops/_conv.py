@@ -75,7 +75,7 @@ class ConvPaths(NamedTuple):
     forward: str  # "pointwise" | "banded" | "depthwise" | "inflated" | "per_group"
     input_grad: str  # "pointwise" | "col2im" | "depthwise" | "inflated" | "per_group"
     weight_grad: str  # "pointwise" | "banded" | "depthwise" | "inflated" | "per_group"
-    # "inflated" is XLA's convolution, inflated on CPU where YNNPACK would take it; off the
+    # "inflated" is XLA's convolution, inflated on CPU where YNNPACK measured slower; off the
     # CPU every path is "xla" (the same convolution as written), and a grouped dw "per_tap"
     # (see off_cpu_weight_grad).
 
@@ -141,7 +141,7 @@ def _forward(x, w, config):
     return _on_cpu(evaluation_paths(w.shape, config).forward, _FORWARD, (x, w), (config,))
 
 
-def _xla_forward(x, w, config, inflate=False):
+def _xla_forward(x, w, config, inflate="never"):
     stride, padding, dilation, groups, _ = config
     return _convolution(
         x, w, inflate, window_strides=stride, padding=padding, rhs_dilation=dilation,
@@ -151,31 +151,37 @@ def _xla_forward(x, w, config, inflate=False):
 
 # --- XLA's convolution, and the same convolution inflated ----------------------------------
 # XLA:CPU (jax 0.10) hands a float32/float64 convolution with more than 16 input or output
-# features to YNNPACK, and every other one to Eigen's; measured here, YNNPACK's was the slower
-# of the two, most of all for dw (16→32, 32×32, batch 32: dw 10.4 ms against 4.4 with
-# YNNPACK switched off by XLA_FLAGS; forward 3.2 vs 2.3). A flag is the user's to set, not a
-# library's, but YNNPACK does not take a convolution with base (lhs) dilation, and one with
-# none can be given one without changing a single product: spread the input f = 2 apart
-# (zeros between its entries) and double the padding, the window's stride and its dilation,
-# and every window reads exactly the entries it read before (derivations §4.6). On CPU the
-# "inflated" paths do that, only where YNNPACK would otherwise take the convolution.
+# features to YNNPACK, every other one to Eigen's. Measured here, YNNPACK's was the slower of
+# the two for dw everywhere (2-2.6×: 16→32, 32×32, batch 32: 10.4 vs 4.4 ms with YNNPACK
+# switched off by XLA_FLAGS), and for the forward and dx when both feature counts exceed 16
+# (64→64: forward 5.2 vs 3.0 ms, dx 32→64 3.2 vs 2.3); with 16 or fewer on one side it was as
+# fast or faster (forward 6→32: 1.6 vs 2.8; dx 16→32, 16×16: 1.05 vs 1.5). A flag is the
+# user's to set, not a library's; but YNNPACK takes no convolution with base (lhs) dilation,
+# and one without can be given one without changing a single product: spread the input
+# f = 2 apart (zeros between its entries), double the padding, the window's stride and its
+# dilation, and every window reads exactly the entries it read before (derivations §4.6).
 YNNPACK_MIN_FEATURES = 17  # XLA's ynn_support.cc: max(input, output features) > 16
 _INFLATION = 2
 
 
-def _ynnpack_would_take(lhs, rhs, dimension_numbers, lhs_dilation) -> bool:
+def _inflate_here(lhs, rhs, dimension_numbers, lhs_dilation, inflate: str) -> bool:
+    """inflate: "never"; "ynnpack" — wherever XLA:CPU would give the convolution to YNNPACK
+    (dw); "wide" — there, when both feature counts exceed 16 too (forward, dx)."""
+    if inflate == "never" or any(d != 1 for d in lhs_dilation):
+        return False
     dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    features = max(lhs.shape[dims.lhs_spec[1]], rhs.shape[dims.rhs_spec[0]])
-    return (all(d == 1 for d in lhs_dilation) and features >= YNNPACK_MIN_FEATURES
+    features = (lhs.shape[dims.lhs_spec[1]], rhs.shape[dims.rhs_spec[0]])
+    wide_enough = {"ynnpack": max(features), "wide": min(features)}[inflate]
+    return (wide_enough >= YNNPACK_MIN_FEATURES
             and lhs.dtype in (jnp.float32, jnp.float64) and rhs.dtype == lhs.dtype)
 
 
 def _convolution(lhs, rhs, inflate, *, window_strides, padding, rhs_dilation,
                  dimension_numbers, lhs_dilation=(1, 1), feature_group_count=1):
-    """lax.conv_general_dilated; with ``inflate``, where YNNPACK would take it, the same sums
-    on the input spread _INFLATION apart: entry h sits at f·h, padding f·p, and the window
-    reads f·(o·s + a·d) — entry o·s + a·d, as before — with f·s steps and f·d dilation."""
-    if inflate and _ynnpack_would_take(lhs, rhs, dimension_numbers, lhs_dilation):
+    """lax.conv_general_dilated; inflated where :func:`_inflate_here` says: the same sums on
+    the input spread f apart — entry h sits at f·h, padding f·p, and the window reads
+    f·(o·s + a·d), i.e. entry o·s + a·d as before, with f·s steps and f·d dilation."""
+    if _inflate_here(lhs, rhs, dimension_numbers, lhs_dilation, inflate):
         f = _INFLATION
         lhs_dilation = (f, f)
         window_strides = tuple(f * s for s in window_strides)
@@ -478,7 +484,7 @@ def conv2d_input_grad(g, w, config):
     return _on_cpu(path, _INPUT_GRAD, (g, w), (config,))
 
 
-def _full_convolution_input_grad(g, w, config, inflate=False):
+def _full_convolution_input_grad(g, w, config, inflate="never"):
     """seed 004's δ_prev = pad(dilate_s(δ)) ⋆ rot180(w), as one XLA convolution."""
     stride, padding, dilation, groups, in_hw = config
     kernel_eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
@@ -547,7 +553,7 @@ def off_cpu_weight_grad(config) -> str:
     return "per_tap" if config[3] > 1 else "xla"
 
 
-def _convolution_weight_grad(x, g, w_shape, config, inflate=False):
+def _convolution_weight_grad(x, g, w_shape, config, inflate="never"):
     """groups = 1: the sum for dw *is* a convolution — of the padded input (batch ↔ channel
     axes swapped, so the sum runs over n) with the error map as the kernel, dilated by the
     stride, moving in steps of the dilation. (groups > 1: XLA:CPU would lower that convolution
@@ -649,15 +655,15 @@ def _per_group_weight_grad(x, g, w_shape, config):
 # Each formula's evaluations, keyed by the names evaluation_paths() returns.
 _FORWARD = {"pointwise": _pointwise_forward, "banded": _banded_forward,
             "depthwise": _depthwise_forward, "xla": _xla_forward,
-            "inflated": partial(_xla_forward, inflate=True),
+            "inflated": partial(_xla_forward, inflate="wide"),
             "per_group": partial(_per_group_with_kernel, "forward")}
 _INPUT_GRAD = {"pointwise": _pointwise_input_grad, "col2im": _col2im_input_grad,
                "depthwise": _depthwise_input_grad, "xla": _full_convolution_input_grad,
-               "inflated": partial(_full_convolution_input_grad, inflate=True),
+               "inflated": partial(_full_convolution_input_grad, inflate="wide"),
                "per_group": partial(_per_group_with_kernel, "input_grad")}
 _WEIGHT_GRAD = {"pointwise": _pointwise_weight_grad, "banded": _banded_weight_grad,
                 "depthwise": _depthwise_weight_grad, "xla": _convolution_weight_grad,
-                "inflated": partial(_convolution_weight_grad, inflate=True),
+                "inflated": partial(_convolution_weight_grad, inflate="ynnpack"),
                 "per_tap": _grouped_weight_grad,
                 "per_group": _per_group_weight_grad}
 
