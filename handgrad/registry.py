@@ -416,9 +416,8 @@ register(OpSpec(
         _conv_case((1, 2, 8, 7), (4, 1, 1, 1), groups=2, stride=3),
         _conv_case((2, 3, 7, 6), (3, 1, 2, 2), groups=3, stride=2, padding="SAME"),  # depthwise
         _conv_case((2, 3, 5, 4), (2, 3, 5, 4), bias=False),  # kernel = input size
-        # More than 16 features: XLA's convolutions inflated on CPU (§4.6) — all three with
-        # 17 → 18; only dw with 10 → 17, strided (dx keeps its own base dilation) and its
-        # high padding negative.
+        # More than 16 features: the "inflated" paths (§4.6; at these sizes the convolutions
+        # stay as written — inflation itself is tested in test_conv_pool at float32 sizes).
         _conv_case((2, 17, 5, 5), (18, 17, 3, 3), padding=1),
         _conv_case((1, 10, 7, 6), (17, 10, 2, 3), stride=2, dilation=(2, 1),
                    padding=((1, 0), (2, 1)), bias=False),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from functools import partial
 
 import jax
 import jax.ad_checkpoint
@@ -339,33 +340,104 @@ def test_cpu_tuned_conv_paths_lower_to_xla_convolutions_elsewhere(
         assert cpu_only_op not in programs["cuda"]
 
 
-@pytest.mark.parametrize("batch, c_in, c_out, dtype, inflated", [
-    (2, 17, 18, jnp.float32, 3),  # forward, dx and dw: > 16 features on both sides
-    (2, 16, 16, jnp.float32, 0),  # ≤ 16 features: Eigen's convolution already
-    (17, 16, 16, jnp.float32, 1),  # dw's input features are the batch
-    (2, 12, 32, jnp.float32, 1),  # 12 on one side: YNNPACK kept for forward and dx, not dw
-    (2, 17, 18, jnp.bfloat16, 0),  # YNNPACK takes no bfloat16 convolution
-    (2, 17, 18, jnp.float64, 3),
+@pytest.mark.parametrize("batch, c_in, c_out, hw, stride, dtype, inflated", [
+    (32, 17, 18, 32, 1, "float32", "fwd dx dw"),  # > 16 features on both sides, 90M MACs
+    (16, 16, 16, 32, 1, "float32", ""),  # ≤ 16 features: Eigen's convolution already
+    (32, 16, 16, 32, 1, "float32", "dw"),  # dw's input features are the batch
+    (32, 12, 32, 32, 1, "float32", "dw"),  # 12 on one side: YNNPACK kept for forward and dx
+    (2, 17, 18, 8, 1, "float32", ""),  # small: YNNPACK measured faster
+    (32, 17, 18, 96, 3, "float32", "fwd dw"),  # a strided dx has its own base dilation
+    (32, 17, 18, 32, 1, "float64", ""),  # float64 would fall to XLA's generic loops
+    (32, 17, 18, 32, 1, "bfloat16", ""),  # not measured
 ])
 def test_cpu_convolutions_inflated_exactly_where_measured_faster(
-        batch, c_in, c_out, dtype, inflated):
+        batch, c_in, c_out, hw, stride, dtype, inflated):
     """On CPU, XLA's convolution is written with base dilation 2 where XLA:CPU would give it
-    to YNNPACK and YNNPACK measured slower than Eigen's (dw always; forward and dx with more
-    than 16 features on both sides); lowered for a GPU, never (derivations §4.6)."""
+    to YNNPACK and YNNPACK measured slower than Eigen's (float32, ≥ 24M multiply-adds; dw
+    always, forward and dx with more than 16 features on both sides); lowered for a GPU,
+    never (derivations §4.6)."""
     from jax import export
 
+    from handgrad.ops import _conv
+
+    x = jax.ShapeDtypeStruct((batch, c_in, hw, hw), dtype)
+    w = jax.ShapeDtypeStruct((c_out, c_in, 3, 3), dtype)
+    config = _conv.conv2d_config("conv2d", x, w, None, stride, 1, 1, 1)
+    g = jax.eval_shape(lambda x, w: _conv._FORWARD["xla"](x, w, config), x, w)
+    formulas = {
+        "fwd": (lambda x, w: _conv._FORWARD["inflated"](x, w, config), (x, w)),
+        "dx": (lambda g, w: _conv._INPUT_GRAD["inflated"](g, w, config), (g, w)),
+        "dw": (lambda x, g: _conv._WEIGHT_GRAD["inflated"](x, g, w.shape, config), (x, g)),
+    }
+    for name, (formula, args) in formulas.items():
+        program = jax.jit(formula).lower(*args).as_text()
+        assert program.count("stablehlo.convolution") == 1, name
+        assert ("lhs_dilate = [2, 2]" in program) == (name in inflated.split()), name
+
     def forward_and_vjp(x, w, ct):
-        z, backward = jax.vjp(lambda x, w: hg.conv2d(x, w, padding=1), x, w)
+        z, backward = jax.vjp(lambda x, w: hg.conv2d(x, w, stride=stride, padding=1), x, w)
         return z, backward(ct)
 
-    x = jax.ShapeDtypeStruct((batch, c_in, 6, 6), dtype)
-    w = jax.ShapeDtypeStruct((c_out, c_in, 3, 3), dtype)
-    ct = jax.eval_shape(lambda x, w: hg.conv2d(x, w, padding=1), x, w)
-    programs = {platform: export.export(jax.jit(forward_and_vjp), platforms=[platform])(
-        x, w, ct).mlir_module() for platform in ("cuda", "cpu")}
-    assert programs["cpu"].count("stablehlo.convolution") == 3
-    assert programs["cpu"].count("lhs_dilate = [2, 2]") == inflated
-    assert "lhs_dilate" not in programs["cuda"]
+    cuda = export.export(jax.jit(forward_and_vjp), platforms=["cuda"])(x, w, g).mlir_module()
+    assert "lhs_dilate = [2, 2]" not in cuda
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_inflated_convolution_is_the_same_sum(seed, monkeypatch):
+    """Spreading the input 2 apart and doubling padding, stride and window dilation reads the
+    same entries (derivations §4.6): float32, random shapes, strides, dilations, paddings
+    (negative ones too), both layouts, thresholds off so that every call inflates."""
+    from jax import lax
+
+    from handgrad.ops import _conv
+
+    monkeypatch.setattr(_conv, "YNNPACK_MIN_FEATURES", 0)
+    monkeypatch.setattr(_conv, "INFLATE_MIN_MULTIPLY_ADDS", 0)
+    rng = np.random.default_rng(seed)
+    n, c, o = rng.integers(1, 4, 3)
+    kernel = rng.integers(1, 4, 2)
+    dilation = tuple(int(d) for d in rng.integers(1, 3, 2))
+    stride = tuple(int(s) for s in rng.integers(1, 4, 2))
+    reach = (kernel - 1) * np.array(dilation) + 1
+    size = reach + rng.integers(0, 5, 2)
+    padding = []
+    for r, sz in zip(reach, size):  # at least one window, and none more than inputs (YNNPACK
+        lo = int(rng.integers(-1, 3))  # leaves larger outputs to Eigen: no inflation there)
+        hi = int(np.clip(rng.integers(-1, 3), int(r) - int(sz) - lo, int(r) - 1 - lo))
+        padding.append((lo, hi))
+    dimension_numbers = [("NCHW", "OIHW", "NCHW"), ("CNHW", "IOHW", "CNHW")][seed % 2]
+    lhs_shape = (n, c, *size) if seed % 2 == 0 else (c, n, *size)  # C: the feature axis
+    rhs_shape = (o, c, *kernel) if seed % 2 == 0 else (c, o, *kernel)
+    lhs = jnp.asarray(rng.standard_normal(lhs_shape), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
+    conv = dict(window_strides=stride, padding=padding, rhs_dilation=dilation,
+                dimension_numbers=dimension_numbers)
+    program = jax.jit(lambda a, b: _conv._convolution(a, b, "ynnpack", **conv)).lower(
+        lhs, rhs).as_text()
+    assert "lhs_dilate = [2, 2]" in program
+    assert_close(_conv._convolution(lhs, rhs, "ynnpack", **conv),
+                 lax.conv_general_dilated(lhs, rhs, **conv), 1e-5, what=str(conv))
+
+
+@pytest.mark.parametrize("x_shape, w_shape, kwargs", [
+    ((32, 17, 32, 32), (18, 17, 3, 3), dict(padding=1)),  # forward, dx, dw inflated
+    ((32, 17, 64, 64), (18, 17, 3, 3), dict(stride=2, padding=((1, 0), (2, 1)))),
+    ((32, 6, 32, 32), (32, 6, 3, 3), dict(padding=2, dilation=2)),  # dw only
+], ids=str)
+def test_inflated_conv2d_vjp_matches_autodiff_in_float32(x_shape, w_shape, kwargs):
+    """Inflation happens only above ~24M multiply-adds and in float32, where the registry's
+    small float64 cases never go: the VJP at such shapes against autodiff's."""
+    rng = np.random.default_rng(20)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:])), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(w_shape[0]), jnp.float32)
+    results = []
+    for conv2d in (hg.conv2d, hg.reference.conv2d):
+        z, pullback = jax.vjp(partial(conv2d, **kwargs), x, w, b)
+        ct = jnp.asarray(np.random.default_rng(21).standard_normal(z.shape), jnp.float32)
+        results.append((z, *pullback(ct)))
+    for name, got, want in zip(("out", "dx", "dw", "db"), *results):
+        assert_close(got, want, 1e-5, what=name)
 
 
 WORKED_X = np.array([[1, 2, 0, 1], [0, 1, 3, 1], [2, 1, 0, 2], [1, 0, 1, 3]], float)

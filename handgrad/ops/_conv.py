@@ -150,30 +150,52 @@ def _xla_forward(x, w, config, inflate="never"):
 
 
 # --- XLA's convolution, and the same convolution inflated ----------------------------------
-# XLA:CPU (jax 0.10) hands a float32/float64 convolution with more than 16 input or output
-# features to YNNPACK, every other one to Eigen's. Measured here, YNNPACK's was the slower of
-# the two for dw everywhere (2-2.6×: 16→32, 32×32, batch 32: 10.4 vs 4.4 ms with YNNPACK
-# switched off by XLA_FLAGS), and for the forward and dx when both feature counts exceed 16
-# (64→64: forward 5.2 vs 3.0 ms, dx 32→64 3.2 vs 2.3); with 16 or fewer on one side it was as
-# fast or faster (forward 6→32: 1.6 vs 2.8; dx 16→32, 16×16: 1.05 vs 1.5). A flag is the
-# user's to set, not a library's; but YNNPACK takes no convolution with base (lhs) dilation,
-# and one without can be given one without changing a single product: spread the input
-# f = 2 apart (zeros between its entries), double the padding, the window's stride and its
-# dilation, and every window reads exactly the entries it read before (derivations §4.6).
+# XLA:CPU (jax 0.10) hands a convolution with more than 16 input or output features (16-bit
+# ones upcast to float32 first) to YNNPACK, unless its output or kernel is spatially larger
+# than its input; float32 ones it does not take run as Eigen's convolution. Measured here in
+# float32, YNNPACK's was the slower of the two for dw everywhere (2-2.6×: 16→32, 32×32, batch
+# 32: 10.4 vs 4.4 ms with YNNPACK switched off by XLA_FLAGS), and for the forward and dx when
+# both feature counts exceed 16 (64→64: forward 5.2 vs 3.0 ms, dx 32→64 3.2 vs 2.3); with 16
+# or fewer on one side it was as fast or faster (forward 6→32: 1.6 vs 2.8; dx 16→32, 16×16:
+# 1.05 vs 1.5). A flag is the user's to set, not a library's; but YNNPACK takes no
+# convolution with base (lhs) dilation, and one without can be given one without changing a
+# single product: spread the input f = 2 apart (zeros between its entries), double the
+# padding, the window's stride and its dilation, and every window reads exactly the entries
+# it read before (derivations §4.6). Only float32: a float64 convolution YNNPACK does not take
+# falls to XLA's generic loops (20× slower), and 16-bit ones were not measured. Only large
+# ones: below about 24M multiply-adds YNNPACK was the faster (batch 8, 32→32, 16×16, 19M:
+# forward, dx and dw 0.46-0.57 vs 0.71-0.88 ms), above it inflating won (6→32 dw, 32×32,
+# batch 32, 28M: 5.0 → 1.9 ms; 64→64, 32×32, batch 16: forward 11.2 → 7.1, dw 33.5 → 9.0).
 YNNPACK_MIN_FEATURES = 17  # XLA's ynn_support.cc: max(input, output features) > 16
+INFLATE_MIN_MULTIPLY_ADDS = 24_000_000
 _INFLATION = 2
 
 
-def _inflate_here(lhs, rhs, dimension_numbers, lhs_dilation, inflate: str) -> bool:
-    """inflate: "never"; "ynnpack" — wherever XLA:CPU would give the convolution to YNNPACK
-    (dw); "wide" — there, when both feature counts exceed 16 too (forward, dx)."""
-    if inflate == "never" or any(d != 1 for d in lhs_dilation):
+def _inflate_here(lhs, rhs, inflate: str, *, dimension_numbers, window_strides, padding,
+                  lhs_dilation, rhs_dilation) -> bool:
+    """inflate: "never"; "ynnpack" — wherever XLA:CPU would give this float32 convolution to
+    YNNPACK (dw); "wide" — there, when both feature counts exceed 16 too (forward, dx)."""
+    if (inflate == "never" or any(d != 1 for d in lhs_dilation)
+            or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32):
         return False
     dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     features = (lhs.shape[dims.lhs_spec[1]], rhs.shape[dims.rhs_spec[0]])
     wide_enough = {"ynnpack": max(features), "wide": min(features)}[inflate]
-    return (wide_enough >= YNNPACK_MIN_FEATURES
-            and lhs.dtype in (jnp.float32, jnp.float64) and rhs.dtype == lhs.dtype)
+    if wide_enough < YNNPACK_MIN_FEATURES:
+        return False
+    # YNNPACK also leaves to Eigen a convolution whose output or kernel is spatially larger
+    # than its input (e.g. a stride-1 dx with full padding).
+    multiply_adds = lhs.shape[dims.lhs_spec[0]] * rhs.shape[dims.rhs_spec[0]] * int(
+        np.prod([rhs.shape[d] for d in dims.rhs_spec[1:]]))  # N · O · (C/G · kh · kw) …
+    for axis, (lo, hi), stride, dilation in zip(range(2), padding, window_strides,
+                                                rhs_dilation):
+        size = lhs.shape[dims.lhs_spec[2 + axis]]
+        kernel = rhs.shape[dims.rhs_spec[2 + axis]]
+        out = (size + lo + hi - (kernel - 1) * dilation - 1) // stride + 1
+        if out > size or kernel > size:
+            return False
+        multiply_adds *= out  # … · Ho · Wo
+    return multiply_adds >= INFLATE_MIN_MULTIPLY_ADDS
 
 
 def _convolution(lhs, rhs, inflate, *, window_strides, padding, rhs_dilation,
@@ -181,7 +203,9 @@ def _convolution(lhs, rhs, inflate, *, window_strides, padding, rhs_dilation,
     """lax.conv_general_dilated; inflated where :func:`_inflate_here` says: the same sums on
     the input spread f apart — entry h sits at f·h, padding f·p, and the window reads
     f·(o·s + a·d), i.e. entry o·s + a·d as before, with f·s steps and f·d dilation."""
-    if _inflate_here(lhs, rhs, dimension_numbers, lhs_dilation, inflate):
+    if _inflate_here(lhs, rhs, inflate, dimension_numbers=dimension_numbers,
+                     window_strides=window_strides, padding=padding,
+                     lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation):
         f = _INFLATION
         lhs_dilation = (f, f)
         window_strides = tuple(f * s for s in window_strides)
