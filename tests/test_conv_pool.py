@@ -341,11 +341,11 @@ def test_cpu_tuned_conv_paths_lower_to_xla_convolutions_elsewhere(
 
 
 @pytest.mark.parametrize("batch, c_in, c_out, hw, stride, dtype, inflated", [
-    (32, 17, 18, 32, 1, "float32", "fwd dx dw"),  # > 16 features on both sides, 90M MACs
-    (16, 16, 16, 32, 1, "float32", ""),  # ≤ 16 features: Eigen's convolution already
-    (32, 16, 16, 32, 1, "float32", "dw"),  # dw's input features are the batch
+    (32, 17, 18, 32, 1, "float32", "fwd dx dw"),  # > 16 features on both sides, 32 images
+    (16, 16, 16, 32, 1, "float32", ""),  # ≤ 16 features, 16 images: Eigen's convolution
+    (32, 16, 16, 32, 1, "float32", "dw"),  # dw's input features are the images
     (32, 12, 32, 32, 1, "float32", "dw"),  # 12 on one side: YNNPACK kept for forward and dx
-    (2, 17, 18, 8, 1, "float32", ""),  # small: YNNPACK measured faster
+    (8, 32, 32, 16, 1, "float32", ""),  # 8 images: YNNPACK measured faster
     (32, 17, 18, 96, 3, "float32", "fwd dw"),  # a strided dx has its own base dilation
     (32, 17, 18, 32, 1, "float64", ""),  # float64 would fall to XLA's generic loops
     (32, 17, 18, 32, 1, "bfloat16", ""),  # not measured
@@ -353,7 +353,7 @@ def test_cpu_tuned_conv_paths_lower_to_xla_convolutions_elsewhere(
 def test_cpu_convolutions_inflated_exactly_where_measured_faster(
         batch, c_in, c_out, hw, stride, dtype, inflated):
     """On CPU, XLA's convolution is written with base dilation 2 where XLA:CPU would give it
-    to YNNPACK and YNNPACK measured slower than Eigen's (float32, ≥ 24M multiply-adds; dw
+    to YNNPACK and YNNPACK measured slower than Eigen's (float32, more than 16 images; dw
     always, forward and dx with more than 16 features on both sides); lowered for a GPU,
     never (derivations §4.6)."""
     from jax import export
@@ -392,7 +392,7 @@ def test_inflated_convolution_is_the_same_sum(seed, monkeypatch):
     from handgrad.ops import _conv
 
     monkeypatch.setattr(_conv, "YNNPACK_MIN_FEATURES", 0)
-    monkeypatch.setattr(_conv, "INFLATE_MIN_MULTIPLY_ADDS", 0)
+    monkeypatch.setattr(_conv, "INFLATE_MIN_IMAGES", 0)
     rng = np.random.default_rng(seed)
     n, c, o = rng.integers(1, 4, 3)
     kernel = rng.integers(1, 4, 2)
@@ -412,10 +412,10 @@ def test_inflated_convolution_is_the_same_sum(seed, monkeypatch):
     rhs = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
     conv = dict(window_strides=stride, padding=padding, rhs_dilation=dilation,
                 dimension_numbers=dimension_numbers)
-    program = jax.jit(lambda a, b: _conv._convolution(a, b, "ynnpack", **conv)).lower(
+    program = jax.jit(lambda a, b: _conv._convolution(a, b, "dw", **conv)).lower(
         lhs, rhs).as_text()
     assert "lhs_dilate = [2, 2]" in program
-    assert_close(_conv._convolution(lhs, rhs, "ynnpack", **conv),
+    assert_close(_conv._convolution(lhs, rhs, "dw", **conv),
                  lax.conv_general_dilated(lhs, rhs, **conv), 1e-5, what=str(conv))
 
 
@@ -425,8 +425,8 @@ def test_inflated_convolution_is_the_same_sum(seed, monkeypatch):
     ((32, 6, 32, 32), (32, 6, 3, 3), dict(padding=2, dilation=2)),  # dw only
 ], ids=str)
 def test_inflated_conv2d_vjp_matches_autodiff_in_float32(x_shape, w_shape, kwargs):
-    """Inflation happens only above ~24M multiply-adds and in float32, where the registry's
-    small float64 cases never go: the VJP at such shapes against autodiff's."""
+    """Inflation happens only in float32 with more than 16 images and features, where the
+    registry's small float64 cases never go: the VJP at such shapes against autodiff's."""
     rng = np.random.default_rng(20)
     x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:])), jnp.float32)

@@ -162,40 +162,40 @@ def _xla_forward(x, w, config, inflate="never"):
 # single product: spread the input f = 2 apart (zeros between its entries), double the
 # padding, the window's stride and its dilation, and every window reads exactly the entries
 # it read before (derivations §4.6). Only float32: a float64 convolution YNNPACK does not take
-# falls to XLA's generic loops (20× slower), and 16-bit ones were not measured. Only large
-# ones: below about 24M multiply-adds YNNPACK was the faster (batch 8, 32→32, 16×16, 19M:
-# forward, dx and dw 0.46-0.57 vs 0.71-0.88 ms), above it inflating won (6→32 dw, 32×32,
-# batch 32, 28M: 5.0 → 1.9 ms; 64→64, 32×32, batch 16: forward 11.2 → 7.1, dw 33.5 → 9.0).
+# falls to XLA's generic loops (20× slower), and 16-bit ones were not measured. Only with more
+# than 16 images: at batch 8 YNNPACK was the faster (32→32, 16×16: forward, dx and dw 0.46–0.57
+# vs 0.71–0.88 ms), from batch 32 inflating won (6→32 dw, 32×32: 5.0 → 1.9 ms; 16→32 dw,
+# stride 2, batch 64: 0.83 of autodiff's VJP; 64→64, 32×32, batch 16 was the exception for
+# the forward: 11.2 → 7.1 ms).
 YNNPACK_MIN_FEATURES = 17  # XLA's ynn_support.cc: max(input, output features) > 16
-INFLATE_MIN_MULTIPLY_ADDS = 24_000_000
+INFLATE_MIN_IMAGES = 17
 _INFLATION = 2
 
 
 def _inflate_here(lhs, rhs, inflate: str, *, dimension_numbers, window_strides, padding,
                   lhs_dilation, rhs_dilation) -> bool:
-    """inflate: "never"; "ynnpack" — wherever XLA:CPU would give this float32 convolution to
-    YNNPACK (dw); "wide" — there, when both feature counts exceed 16 too (forward, dx)."""
+    """inflate: "never"; "dw" — a float32 dw convolution summing over more than 16 images
+    (its input features), which YNNPACK would take; "wide" — a forward or dx convolution of
+    more than 16 images with more than 16 features on both sides."""
     if (inflate == "never" or any(d != 1 for d in lhs_dilation)
             or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32):
         return False
     dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     features = (lhs.shape[dims.lhs_spec[1]], rhs.shape[dims.rhs_spec[0]])
-    wide_enough = {"ynnpack": max(features), "wide": min(features)}[inflate]
-    if wide_enough < YNNPACK_MIN_FEATURES:
-        return False
+    if inflate == "dw":
+        taken = features[0] >= max(INFLATE_MIN_IMAGES, YNNPACK_MIN_FEATURES)
+    else:
+        taken = (min(features) >= YNNPACK_MIN_FEATURES
+                 and lhs.shape[dims.lhs_spec[0]] >= INFLATE_MIN_IMAGES)
     # YNNPACK also leaves to Eigen a convolution whose output or kernel is spatially larger
-    # than its input (e.g. a stride-1 dx with full padding).
-    multiply_adds = lhs.shape[dims.lhs_spec[0]] * rhs.shape[dims.rhs_spec[0]] * int(
-        np.prod([rhs.shape[d] for d in dims.rhs_spec[1:]]))  # N · O · (C/G · kh · kw) …
+    # than its input (e.g. a stride-1 dx with full padding): nothing to gain there.
     for axis, (lo, hi), stride, dilation in zip(range(2), padding, window_strides,
                                                 rhs_dilation):
         size = lhs.shape[dims.lhs_spec[2 + axis]]
         kernel = rhs.shape[dims.rhs_spec[2 + axis]]
         out = (size + lo + hi - (kernel - 1) * dilation - 1) // stride + 1
-        if out > size or kernel > size:
-            return False
-        multiply_adds *= out  # … · Ho · Wo
-    return multiply_adds >= INFLATE_MIN_MULTIPLY_ADDS
+        taken = taken and out <= size and kernel <= size
+    return taken
 
 
 def _convolution(lhs, rhs, inflate, *, window_strides, padding, rhs_dilation,
@@ -687,7 +687,7 @@ _INPUT_GRAD = {"pointwise": _pointwise_input_grad, "col2im": _col2im_input_grad,
                "per_group": partial(_per_group_with_kernel, "input_grad")}
 _WEIGHT_GRAD = {"pointwise": _pointwise_weight_grad, "banded": _banded_weight_grad,
                 "depthwise": _depthwise_weight_grad, "xla": _convolution_weight_grad,
-                "inflated": partial(_convolution_weight_grad, inflate="ynnpack"),
+                "inflated": partial(_convolution_weight_grad, inflate="dw"),
                 "per_tap": _grouped_weight_grad,
                 "per_group": _per_group_weight_grad}
 
