@@ -18,8 +18,9 @@ Each formula is evaluated in the form measured fastest on CPU for its shape (der
 banded GEMMs (forward, dw) and GEMM + col2im (dx), depthwise as per-channel stencils (dw
 as one variadic reduction), grouped convolutions as G ungrouped ones, each by those rules
 (col2im dx within a group only for fewer channels and groups); otherwise one XLA
-convolution per formula. On GPU/TPU (unmeasured there) XLA's convolutions, and grouped dw per
-kernel tap.
+convolution per formula, inflated (base dilation 2, the same products) where XLA:CPU would
+otherwise run it with YNNPACK, measured slower. On GPU/TPU (unmeasured there) XLA's
+convolutions as written, and grouped dw per kernel tap.
 
 Derivation: docs/derivations.md §4.
 """
