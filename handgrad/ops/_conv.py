@@ -183,20 +183,19 @@ def _inflate_here(lhs, rhs, inflate: str, *, dimension_numbers, window_strides, 
         return False
     dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     features = (lhs.shape[dims.lhs_spec[1]], rhs.shape[dims.rhs_spec[0]])
-    if inflate == "dw":
-        taken = features[0] >= max(INFLATE_MIN_IMAGES, YNNPACK_MIN_FEATURES)
-    else:
-        taken = (min(features) >= YNNPACK_MIN_FEATURES
-                 and lhs.shape[dims.lhs_spec[0]] >= INFLATE_MIN_IMAGES)
+    # dw sums over the images, its input features: more than 16 of them already meets
+    # YNNPACK's feature rule. Forward and dx need more than 16 features on both sides too.
+    images = features[0] if inflate == "dw" else lhs.shape[dims.lhs_spec[0]]
+    if images < INFLATE_MIN_IMAGES or (
+            inflate == "wide" and min(features) < YNNPACK_MIN_FEATURES):
+        return False
     # YNNPACK also leaves to Eigen a convolution whose output or kernel is spatially larger
     # than its input (e.g. a stride-1 dx with full padding): nothing to gain there.
-    for axis, (lo, hi), stride, dilation in zip(range(2), padding, window_strides,
-                                                rhs_dilation):
-        size = lhs.shape[dims.lhs_spec[2 + axis]]
-        kernel = rhs.shape[dims.rhs_spec[2 + axis]]
-        out = (size + lo + hi - (kernel - 1) * dilation - 1) // stride + 1
-        taken = taken and out <= size and kernel <= size
-    return taken
+    size = [lhs.shape[d] for d in dims.lhs_spec[2:]]
+    kernel = [rhs.shape[d] for d in dims.rhs_spec[2:]]
+    out = _windows.window_count(_windows.padded_size(padding, size), kernel, window_strides,
+                                rhs_dilation)
+    return all(o <= s and k <= s for o, k, s in zip(out, kernel, size))
 
 
 def _convolution(lhs, rhs, inflate, *, window_strides, padding, rhs_dilation,
@@ -434,21 +433,17 @@ def _depthwise_input_grad(g, w, config):
     (each tap's weighted copy of g placed back at its offset and summed) was 1.3–2.8× slower on
     CPU: (32, 64, 16, 16) 3×3: 0.64 → 0.48 ms, stride 2 0.93 → 0.49, dilation 2 1.26 → 0.59;
     multiplier 2, 5×5, (32, 16, 32, 32): 4.4 → 1.6 ms."""
-    stride, padding, dilation, groups, in_hw = config
+    stride, _, dilation, groups, in_hw = config
     o, _, kh, kw = w.shape
-    n, _, ho, wo = g.shape
+    n = g.shape[0]
     multiplier = o // groups
-    (sh, sw), (dil_h, dil_w), ((top, _), (left, _)) = stride, dilation, padding
     acc_dtype = accumulation_dtype(g.dtype)
-    # low + (Ho − 1)·s + 1 + high = H + (kh − 1)·d: the high side also covers the rows (from
-    # bottom padding or a stride remainder) that no window reached.
+    # The dilation by s is interior padding; the edges are the full convolution's.
+    edges = _full_padding((kh, kw), config)
     g_full = lax.pad(g.astype(acc_dtype), jnp.zeros((), acc_dtype), (
-        (0, 0, 0),
-        (0, 0, 0),
-        ((kh - 1) * dil_h - top, in_hw[0] - 1 + top - (ho - 1) * sh, sh - 1),
-        ((kw - 1) * dil_w - left, in_hw[1] - 1 + left - (wo - 1) * sw, sw - 1),
-    ))
+        (0, 0, 0), (0, 0, 0), *((lo, hi, s - 1) for (lo, hi), s in zip(edges, stride))))
     g_full = g_full.reshape(n, groups, multiplier, *g_full.shape[2:])
+    g_by_multiple = [g_full[:, :, m] for m in range(multiplier)]
     taps = w.astype(acc_dtype).reshape(1, groups, multiplier, kh, kw, 1, 1)
     dx = None
     for a in range(kh):
@@ -456,8 +451,8 @@ def _depthwise_input_grad(g, w, config):
             # The sum over the multiplier written out, M elementwise terms: as a reduction
             # over a reshaped axis XLA:CPU ran each tap's sum as its own loop (M = 2, 5×5,
             # (32, 16, 32, 32): 25 → 4.4 ms in the scatter form).
-            for m in range(multiplier):
-                window = _windows.window_slice(g_full[:, :, m], a, b, in_hw, (1, 1), dilation)
+            for m, g_m in enumerate(g_by_multiple):
+                window = _windows.window_slice(g_m, a, b, in_hw, (1, 1), dilation)
                 term = window * taps[:, :, m, kh - 1 - a, kw - 1 - b]
                 dx = term if dx is None else dx + term
     return dx.astype(g.dtype)
@@ -509,17 +504,25 @@ def conv2d_input_grad(g, w, config):
     return _on_cpu(path, _INPUT_GRAD, (g, w), (config,))
 
 
+def _full_padding(kernel_hw, config):
+    """The edge padding of dilate_s(g) for seed 004's full convolution: (k_eff − 1 − lo,
+    k_eff − 1 − hi + remainder) per axis, so that it is the input's size plus the kernel's
+    reach. Input rows past the last window (the stride's remainder) were never read: the
+    extra high-side `remainder` gives them zero gradient. A pad larger than k_eff − 1 turns
+    into negative padding, i.e. cropping."""
+    stride, padding, dilation, _, in_hw = config
+    pads = []
+    for size, k, d, s, (lo, hi) in zip(in_hw, kernel_hw, dilation, stride, padding):
+        k_eff = (k - 1) * d + 1
+        remainder = (size + lo + hi - k_eff) % s
+        pads.append((k_eff - 1 - lo, k_eff - 1 - hi + remainder))
+    return pads
+
+
 def _full_convolution_input_grad(g, w, config, inflate="never"):
     """seed 004's δ_prev = pad(dilate_s(δ)) ⋆ rot180(w), as one XLA convolution."""
-    stride, padding, dilation, groups, in_hw = config
-    kernel_eff = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
-    full_pads = []
-    for size, k, s, (lo, hi) in zip(in_hw, kernel_eff, stride, padding):
-        # Input rows past the last window (the stride's remainder) were never read: the extra
-        # high-side padding `remainder` gives them zero gradient. A pad larger than k − 1
-        # turns into negative padding, i.e. cropping.
-        remainder = (size + lo + hi - k) % s
-        full_pads.append((k - 1 - lo, k - 1 - hi + remainder))
+    stride, _, dilation, groups, _ = config
+    full_pads = _full_padding(w.shape[2:], config)
     # The notes' "dilate the error map by the stride" (s − 1 zeros between entries) is the
     # convolution's lhs_dilation, and the edge padding is its padding: one XLA convolution.
     # Measured on XLA:CPU (jax 0.10): 3× faster than an explicit interior lax.pad of g, and a
