@@ -28,6 +28,8 @@ from handgrad.ops import softmax as softmax
 from handgrad.ops import softmax_cross_entropy as softmax_cross_entropy
 from handgrad.ops import squared_error as squared_error
 from handgrad.ops import tanh as tanh
+from handgrad.ops.fast import fast_paths as fast_paths
+from handgrad.ops.fast import fast_paths_enabled as fast_paths_enabled
 from handgrad.second_order import hessian as hessian
 from handgrad.second_order import hvp as hvp
 
