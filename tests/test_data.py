@@ -29,7 +29,6 @@ N_TRAIN, N_TEST = 20, 10
 
 @pytest.fixture(scope="module")
 def digits() -> Dataset:
-    pytest.importorskip("sklearn")
     return load_digits(seed=0)
 
 
@@ -64,7 +63,6 @@ def test_digits_split_is_seeded(digits):
 
 
 def test_digits_test_fraction():
-    pytest.importorskip("sklearn")
     assert len(load_digits(test_fraction=0.5).x_test) == 899  # ceil(1797 / 2)
     with pytest.raises(ValueError, match="test_fraction"):
         load_digits(test_fraction=1.0)
@@ -260,6 +258,17 @@ def test_load_mnist_count_mismatch(tmp_path):
     assert str(paths["x_train"]) in str(e.value) and str(paths["y_train"]) in str(e.value)
 
 
+@pytest.mark.parametrize("bad_label", [10, 255])
+def test_load_mnist_rejects_labels_outside_the_classes(tmp_path, bad_label):
+    arrays = _arrays()
+    arrays["y_test"][3] = bad_label
+    paths = _write_mnist(tmp_path, arrays, ".gz")
+    with pytest.raises(ValueError, match=rf"1 labels outside \[0, 10\), the first {bad_label} "
+                                         r"at index 3") as e:
+        load_mnist(tmp_path)
+    assert str(paths["y_test"]) in str(e.value)
+
+
 def test_load_mnist_unsupported_kind(tmp_path):
     with pytest.raises(ValueError, match=r"kmnist.*fashion-mnist"):
         load_mnist(tmp_path, kind="kmnist")
@@ -279,7 +288,7 @@ def test_load_errors():
         ValueError, match=r"unknown dataset 'cifar10'.*digits.*mnist.*fashion-mnist"
     ):
         load("cifar10")
-    with pytest.raises(ValueError, match="--data-dir"):
+    with pytest.raises(ValueError, match=r"pass `data_dir`.*download=True"):
         load("mnist")
 
 
@@ -350,3 +359,66 @@ def test_batches_length_mismatch():
     x, y = _xy()
     with pytest.raises(ValueError, match="same length, got 23 and 22"):
         batches(x, y[:-1], 5)
+
+
+# ---------------------------------------------------------------- text
+
+
+@pytest.fixture(scope="module")
+def text() -> data.TextDataset:
+    return data.load_text(seq_len=32, seed=0)
+
+
+def test_text_is_the_python_help_corpus_in_next_character_windows(text):
+    corpus = data.python_help_text()
+    assert len(corpus) >= 100_000 and text.source == "python-help-topics"
+    assert text.num_classes == len(text.vocab) == len(set(corpus))
+    assert text.x_train.shape[1] == 32 and text.x_train.dtype == np.int32
+    np.testing.assert_array_equal(text.x_train[:, 1:], text.y_train[:, :-1])
+    np.testing.assert_array_equal(text.x_test[:, 1:], text.y_test[:, :-1])
+    window = text.decode(np.concatenate([text.x_train[7], text.y_train[7, -1:]]))
+    assert window in corpus  # a window is 33 consecutive characters of the corpus
+    np.testing.assert_array_equal(text.encode(window)[:-1], text.x_train[7])
+    assert 0.07 < len(text.x_test) / (len(text.x_train) + len(text.x_test)) < 0.13
+    assert 3.5 < text.unigram_bits < 6.0, text.unigram_bits
+
+
+def test_text_split_is_seeded(text):
+    again = data.load_text(seq_len=32, seed=0)
+    np.testing.assert_array_equal(again.x_test, text.x_test)
+    other = data.load_text(seq_len=32, seed=1)
+    assert not np.array_equal(other.x_test, text.x_test)
+    assert load("text", seq_len=32).vocab == text.vocab
+
+
+def test_text_from_a_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    path.write_text("".join(rng.choice(list("abcdé \n"), size=5000)), encoding="utf-8")
+    ds = load("text", data_dir=path, seq_len=15, chunk_len=256, seed=0)
+    assert ds.source == str(path) and ds.vocab == "".join(sorted(set(path.read_text())))
+    assert ds.x_train.shape[1] == 15 and len(ds.x_test) >= 1
+    # Random text: every 16-character window is unique, so a window in both parts would be
+    # a chunk in both. Validation and training are disjoint, and together nearly all the text.
+    train = {bytes(w) for w in np.concatenate([ds.x_train, ds.y_train[:, -1:]], 1)}
+    valid = {bytes(w) for w in np.concatenate([ds.x_test, ds.y_test[:, -1:]], 1)}
+    assert len(train) == len(ds.x_train) and len(valid) == len(ds.x_test)
+    assert not train & valid
+    assert (len(train) + len(valid)) * 16 > 0.9 * 5000
+
+
+def test_text_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="text file not found"):
+        data.load_text(tmp_path / "missing.txt")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1") * 2000)
+    with pytest.raises(ValueError, match=rf"{bad}: not UTF-8"):
+        data.load_text(bad)
+    short = tmp_path / "short.txt"
+    short.write_text("abc" * 100)
+    with pytest.raises(ValueError, match="fewer than 2 chunks"):
+        data.load_text(short)
+    with pytest.raises(ValueError, match="`seq_len`"):
+        data.load_text(seq_len=0)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        data.load_text(short.parent / "short.txt", chunk_len=100, seq_len=10).encode("xyz")
