@@ -160,6 +160,133 @@ def cnn_bn(params, x, *, ops: ModuleType = handgrad, state, training: bool,
     return logits, {"bn": new_stats, "key": next_key}
 
 
+# --- a character-level LSTM language model --------------------------------------------------
+
+
+def init_char_lstm(key, vocab_size: int, embed: int = 64, hidden: int = 256,
+                   dtype=jnp.float32):
+    """Embedding (V, E) → LSTM (E → H, gates i, f, g, o) → dense (V, H). The forget gate's
+    bias starts at 1 (a common choice: remember by default)."""
+    k_emb, k_x, k_h, k_out = jax.random.split(key, 4)
+    bias = jnp.zeros((4 * hidden,), dtype).at[hidden:2 * hidden].set(1)
+    return {
+        "embed": {"table": (jax.random.normal(k_emb, (vocab_size, embed)) / 2).astype(dtype)},
+        "lstm": {"w_x": _GLOROT(k_x, (4 * hidden, embed), dtype),
+                 "w_h": _GLOROT(k_h, (4 * hidden, hidden), dtype), "b": bias},
+        "out": dense_params(k_out, hidden, vocab_size, "linear", dtype),
+    }
+
+
+def char_lstm(params, ids, *, ops: ModuleType = handgrad):
+    """Next-character logits ``(N, T, V)`` for character ids ``(N, T)``; the state starts at
+    zero for every window."""
+    x = ops.embedding(ids, params["embed"]["table"])
+    hidden = params["lstm"]["w_h"].shape[1]
+    zeros = jnp.zeros((ids.shape[0], hidden), x.dtype)
+    hs, _ = ops.lstm(x, zeros, zeros, **params["lstm"])
+    return ops.dense(hs, **params["out"])
+
+
+# --- a small GPT: pre-LayerNorm transformer blocks with causal self-attention ---------------
+
+
+def _norm_params(features, dtype):
+    return {"gamma": jnp.ones((features,), dtype), "beta": jnp.zeros((features,), dtype)}
+
+
+def init_transformer_block(key, width: int, heads: int, dtype=jnp.float32):
+    """LayerNorm → q, k, v, o projections (width × width) → LayerNorm → dense 4·width, GELU,
+    dense back. The output projections start scaled down (GPT-2's residual init)."""
+    if width % heads:
+        raise ValueError(f"init_transformer_block: `width` (={width}) must be divisible by "
+                         f"`heads` (={heads})")
+    k = jax.random.split(key, 6)
+    return {
+        "ln1": _norm_params(width, dtype), "ln2": _norm_params(width, dtype),
+        "q": dense_params(k[0], width, width, "linear", dtype),
+        "k": dense_params(k[1], width, width, "linear", dtype),
+        "v": dense_params(k[2], width, width, "linear", dtype),
+        "o": dense_params(k[3], width, width, "linear", dtype),
+        "up": dense_params(k[4], width, 4 * width, "linear", dtype),
+        "down": dense_params(k[5], 4 * width, width, "linear", dtype),
+    }
+
+
+def _split_heads(a, heads):  # (N, T, D) -> (N, H, T, D/H)
+    n, t, d = a.shape
+    return a.reshape(n, t, heads, d // heads).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(a):  # (N, H, T, D/H) -> (N, T, D)
+    n, h, t, dh = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(n, t, h * dh)
+
+
+def transformer_block(params, x, *, heads: int, ops: ModuleType = handgrad,
+                      attention: str = "textbook"):
+    """One pre-LayerNorm block on ``x (N, T, D)``: ``x + attn(LN(x))``, then ``+ mlp(LN(·))``,
+    with causal multi-head self-attention (``attention``: "textbook" or "flash")."""
+    attend = {"textbook": ops.attention, "flash": ops.flash_attention}[attention]
+    a = ops.layer_norm(x, **params["ln1"])
+    q, k, v = (_split_heads(ops.dense(a, **params[name]), heads) for name in "qkv")
+    x = x + ops.dense(_merge_heads(attend(q, k, v, causal=True)), **params["o"])
+    a = ops.layer_norm(x, **params["ln2"])
+    return x + ops.dense(ops.gelu(ops.dense(a, **params["up"])), **params["down"])
+
+
+def init_gpt(key, vocab_size: int, context: int = 64, width: int = 128, heads: int = 4,
+             layers: int = 2, tied: bool = False, dtype=jnp.float32):
+    """Token and learned position embeddings, ``layers`` blocks, a final LayerNorm and the
+    output projection (``tied``: the token table itself, transposed)."""
+    keys = jax.random.split(key, layers + 3)
+    params = {
+        "tokens": {"table": (0.02 * jax.random.normal(keys[0], (vocab_size, width))).astype(dtype)},
+        "positions": {"table": (0.02 * jax.random.normal(keys[1], (context, width))).astype(dtype)},
+        "blocks": [init_transformer_block(k, width, heads, dtype) for k in keys[3:]],
+        "ln_f": _norm_params(width, dtype),
+    }
+    if not tied:
+        params["out"] = dense_params(keys[2], width, vocab_size, "linear", dtype)
+    return params
+
+
+def gpt(params, ids, *, ops: ModuleType = handgrad, heads: int = 4,
+        attention: str = "textbook"):
+    """Next-token logits ``(N, T, V)`` for ids ``(N, T)``, T at most the position table's."""
+    t = ids.shape[1]
+    if t > params["positions"]["table"].shape[0]:
+        raise ValueError(f"gpt: {t} tokens, but the position table has "
+                         f"{params['positions']['table'].shape[0]}")
+    x = ops.embedding(ids, params["tokens"]["table"])
+    x = x + ops.embedding(jnp.arange(t), params["positions"]["table"])[None]
+    for block in params["blocks"]:
+        x = transformer_block(block, x, heads=heads, ops=ops, attention=attention)
+    x = ops.layer_norm(x, **params["ln_f"])
+    if "out" in params:
+        return ops.dense(x, **params["out"])
+    return ops.dense(x, params["tokens"]["table"])  # tied: logits = x·Eᵀ
+
+
+def sample_text(apply: Callable, params, prompt, steps: int, key, *,
+                temperature: float = 0.8):
+    """Extend ``prompt`` (int ids, length T) by ``steps`` sampled ids, each from the logits
+    at the last position of the previous T ids (one compiled forward, reused). Returns the
+    ``steps`` new ids."""
+    window = jnp.asarray(prompt, jnp.int32)[None]
+
+    @jax.jit
+    def next_id(window, key):
+        logits = apply(params, window)[0, -1].astype(jnp.float32)
+        return jax.random.categorical(key, logits / temperature)
+
+    out = []
+    for k in jax.random.split(key, steps):
+        new = next_id(window, k)
+        out.append(int(new))
+        window = jnp.concatenate([window[:, 1:], new.reshape(1, 1).astype(jnp.int32)], axis=1)
+    return out
+
+
 # --- the table the scripts choose from ------------------------------------------------------
 
 
