@@ -292,7 +292,8 @@ def _run_epoch(step: Callable, carry: tuple, batches: Iterable, mesh: Mesh | Non
             on_step(steps_before + i, params)
         if hasattr(batches, "set_postfix"):
             batches.set_postfix({name: f"{value:.4f}" for name, value in values.items()})
-    return carry, {name: total / i for name, total in sums.items()}
+    means = {name: total / i for name, total in sums.items()}
+    return carry, {"loss": means.pop("loss"), **means}  # jit returns the metrics sorted
 
 
 def _metrics_text(metrics: dict[str, float]) -> str:

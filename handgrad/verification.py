@@ -1,4 +1,4 @@
-"""The verification suite behind scripts/verify.py: every registered op, the classic network and
+"""The verification suite behind `handgrad verify`: every registered op, the classic network and the
 the notes' worked examples, on every platform JAX offers, in float32 and float64.
 
 Per (check, platform, dtype) one :class:`Record`: the worst relative error over all of the
