@@ -188,24 +188,32 @@ def _setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Setup:
         parser.error(f"--batch-size {args.batch_size} is larger than the training set "
                      f"({len(ds.x_train)} examples)")
     mesh = _mesh(parser, args)
-    if args.dtype == "float64":
+    if args.dtype == "float64" and np.issubdtype(ds.x_train.dtype, np.floating):
         ds = dataclasses.replace(ds, x_train=ds.x_train.astype(np.float64),
                                  x_test=ds.x_test.astype(np.float64))
     setup = Setup(args, epochs, lr, out, modes, checkpoints, dict.fromkeys(modes, 0), ds, spec,
                   task_of(spec), optimizer, mesh,
                   list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]],
                   jax.random.key(args.seed))
-    for mode in modes if args.resume else ():  # another model's checkpoint: fail now, clearly
-        if (out / checkpoints[mode]).is_file():
+    if args.resume:
+        _check_checkpoints(parser, setup)
+    return setup
+
+
+def _check_checkpoints(parser, setup: Setup) -> None:
+    """Fail now, clearly, on a checkpoint that is damaged or of another model or optimizer;
+    note how many epochs each one holds."""
+    from handgrad import train as train_lib
+
+    for mode, name in setup.checkpoints.items():
+        path = setup.out / name
+        if path.is_file():
             params, state = _init(setup)
             try:
-                done = train_lib.load_fit_checkpoint(out / checkpoints[mode], params,
-                                                     optimizer, state)
+                done = train_lib.load_fit_checkpoint(path, params, setup.optimizer, state)
             except ValueError as error:
-                parser.error(f"--resume: cannot continue from {out / checkpoints[mode]}: "
-                             f"{error}")
+                parser.error(f"--resume: cannot continue from {path}: {error}")
             setup.resumed_from[mode] = len(done.history.epochs)
-    return setup
 
 
 def _check_model_fits(parser, args, spec, ds) -> None:
@@ -323,9 +331,11 @@ def measure_step_ms(setup: Setup, loss_fn, *, warmup: int = 3, min_steps: int = 
     size = setup.args.batch_size
     carry = (params, setup.optimizer.init(params), *([state] if stateful else []))
     batch = (setup.data.x_train[:size], setup.data.y_train[:size])
-    if setup.mesh is not None:
-        carry, batch = train_lib.replicate(carry, setup.mesh), train_lib.shard_batch(
-            batch, setup.mesh)
+    if setup.mesh is None:
+        batch = jax.device_put(batch)  # the transfer is not part of the step
+    else:
+        carry = train_lib.replicate(carry, setup.mesh)
+        batch = train_lib.shard_batch(batch, setup.mesh)
     times: list[float] = []
     while len(times) < warmup + min_steps or (len(times) < warmup + max_steps
                                               and sum(times[warmup:]) < max_seconds):
