@@ -30,7 +30,6 @@ MLP_SIZES = (64, 64, 32, 10)
 
 @pytest.fixture(scope="module")
 def digits() -> data.Dataset:
-    pytest.importorskip("sklearn")
     return data.load_digits(seed=0)
 
 
