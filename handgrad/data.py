@@ -246,8 +246,8 @@ def load(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0) ->
     if name in MNIST_KINDS:
         if data_dir is None:
             raise ValueError(
-                f"{name} is not bundled: pass data_dir (--data-dir) pointing at a directory with "
-                f"the four IDX files or {name}.npz"
+                f"{name} is not bundled: pass `data_dir`, a directory with the four IDX files "
+                f"or {name}.npz"
             )
         return load_mnist(data_dir, kind=name)
     raise ValueError(f"unknown dataset {name!r}, expected one of {DATASETS}")

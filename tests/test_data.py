@@ -279,7 +279,7 @@ def test_load_errors():
         ValueError, match=r"unknown dataset 'cifar10'.*digits.*mnist.*fashion-mnist"
     ):
         load("cifar10")
-    with pytest.raises(ValueError, match="--data-dir"):
+    with pytest.raises(ValueError, match="pass `data_dir`"):
         load("mnist")
 
 

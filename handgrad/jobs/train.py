@@ -178,6 +178,9 @@ def _setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Setup:
     if args.data == "digits" and args.data_dir is not None:
         print("note: --data-dir is not used for digits (bundled with scikit-learn)",
               file=sys.stderr)
+    if args.data in data_lib.MNIST_KINDS and args.data_dir is None:
+        parser.error(f"--data {args.data} needs --data-dir DIR holding the four IDX files or "
+                     f"{args.data}.npz (nothing is downloaded)")
     try:
         ds = data_lib.load(args.data, data_dir=args.data_dir, seed=args.seed)
     except (ValueError, FileNotFoundError) as error:
