@@ -1,34 +1,50 @@
-"""Argument types shared by the scripts (train, bench): one line of error, never a traceback."""
+"""The ``handgrad`` command: ``handgrad train|verify|bench [options]``, or ``python -m handgrad``.
+
+Only the chosen job's module is imported: ``handgrad --help`` and each job's ``--help`` stay
+quick. Each job's options: ``handgrad JOB --help``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import math
+import importlib
+import sys
+from collections.abc import Sequence
+
+from handgrad.jobs._args import exit_code
+
+# job -> (module with main(argv, prog), what it does)
+JOBS = {
+    "train": ("handgrad.jobs.train", "train a model with the hand-written gradients (or "
+              "autodiff, or both); writes metrics.json, report.md, curves.png, a checkpoint"),
+    "verify": ("handgrad.jobs.verify", "check every hand-written backward pass against "
+               "autodiff and finite differences on every platform; writes verify.md/json"),
+    "bench": ("handgrad.jobs.bench", "time the hand-written backward passes against XLA's "
+              "autodiff; writes bench.json and bench.md"),
+}
 
 
-def _number(text: str, kind, what: str):
+def build_parser() -> argparse.ArgumentParser:
+    from handgrad import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="handgrad",
+        description="Backpropagation written by hand, proven against autodiff: train, verify "
+                    "or benchmark.",
+        epilog="jobs:\n" + "\n".join(f"  {name:<7} {text}" for name, (_, text) in JOBS.items())
+               + "\n\n'handgrad JOB --help' lists a job's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"handgrad {__version__}")
+    parser.add_argument("job", choices=list(JOBS), help="the job to run (see below)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``handgrad JOB [options]`` (default ``sys.argv[1:]``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    value = _number(text, int, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = _number(text, int, "an integer ≥ 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float, "a positive number")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
+        job = build_parser().parse_args(argv[:1]).job
+    except SystemExit as exit_:  # --help, --version, no job or an unknown one
+        return exit_code(exit_)
+    module = importlib.import_module(JOBS[job][0])
+    return module.main(argv[1:], prog=f"handgrad {job}")

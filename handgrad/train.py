@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from handgrad.checkpoint import load_checkpoint as load_checkpoint
+from handgrad.checkpoint import read_checkpoint
+from handgrad.checkpoint import save_checkpoint as save_checkpoint
 
 BATCH_AXIS = "data"
 
@@ -57,7 +62,7 @@ def shard_batch(batch, mesh: Mesh):
         if leaf.shape[0] % n:
             raise ValueError(
                 f"the batch size ({leaf.shape[0]}) must be divisible by the number of devices "
-                f"({n}) for data-parallel training; choose --batch-size as a multiple of {n}."
+                f"({n}) for data-parallel training; choose `batch_size` as a multiple of {n}."
             )
     return jax.device_put(batch, NamedSharding(mesh, P(BATCH_AXIS)))
 
@@ -132,88 +137,48 @@ def evaluate(eval_step: Callable, params, x, y, batch_size: int = 512,
     return {name: value / len(x) for name, value in totals.items()}
 
 
-# --- checkpoints -----------------------------------------------------------------------------
-
-
-def save_checkpoint(path: str | os.PathLike, state) -> Path:
-    """Save a pytree (params, optimizer state, counters) as ``.npz`` plus its structure.
-
-    Written to a temporary file first and renamed, so an interruption never leaves half a
-    checkpoint behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    # Typed PRNG keys (jax.random.key) are stored as their raw data, tagged with their impl.
-    names = [f"key:{jax.random.key_impl(leaf)}"
-             if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key) else None
-             for leaf in leaves]
-    leaves = [np.asarray(jax.random.key_data(leaf)) if name else np.asarray(leaf)
-              for leaf, name in zip(leaves, names)]
-    # .npz cannot name bfloat16 (it would store raw void bytes): keep each leaf's dtype name
-    # and store the bits of such leaves as unsigned integers of the same width.
-    dtypes = np.array([name or leaf.dtype.name for leaf, name in zip(leaves, names)])
-    arrays = {f"leaf_{i:05d}": leaf if leaf.dtype.isbuiltin else leaf.view(f"u{leaf.itemsize}")
-              for i, leaf in enumerate(leaves)}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, __structure__=np.array(str(treedef)), __dtypes__=dtypes, **arrays)
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, like):
-    """Load a checkpoint written by :func:`save_checkpoint` into the structure of ``like``.
-
-    Raises ValueError naming the path when the structure, a shape or a dtype differs (a
-    checkpoint of another model or optimizer), FileNotFoundError when it is missing.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    with np.load(path) as data:
-        stored = str(data["__structure__"])
-        if stored != str(treedef):
-            raise ValueError(
-                f"checkpoint {path} has another structure than the model/optimizer state: "
-                f"stored {stored[:200]}…, expected {str(treedef)[:200]}…"
-            )
-        if "__dtypes__" not in data:
-            raise ValueError(f"checkpoint {path} is in an older format (no dtype record); "
-                             "train again to write a current one")
-        names = [str(n) for n in data["__dtypes__"]]
-        loaded = [data[f"leaf_{i:05d}"] for i in range(len(leaves))]
-    loaded = [_restore_leaf(leaf, name) for leaf, name in zip(loaded, names)]
-    leaves = [jax.random.key_data(leaf)
-              if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key) else leaf
-              for leaf in leaves]
-    for i, (want, got) in enumerate(zip(leaves, loaded)):
-        want = np.asarray(want)
-        if want.shape != got.shape or want.dtype != got.dtype:
-            raise ValueError(
-                f"checkpoint {path}: leaf {i} is {got.dtype}{list(got.shape)}, expected "
-                f"{want.dtype}{list(want.shape)}"
-            )
-    return jax.tree_util.tree_unflatten(
-        treedef, [jax.random.wrap_key_data(leaf, impl=name[4:]) if name.startswith("key:")
-                  else jnp.asarray(leaf) for leaf, name in zip(loaded, names)])
-
-
-def _restore_leaf(leaf: np.ndarray, name: str) -> np.ndarray:
-    if name.startswith("key:") or leaf.dtype.name == name:
-        return leaf
-    return leaf.view(jnp.dtype(name))  # bfloat16 & co., stored as same-width unsigned ints
-
-
 # --- the fit loop ----------------------------------------------------------------------------
 
 
 @dataclass
 class History:
+    """One record per epoch: ``epoch``, ``train_<metric>`` and ``test_<metric>`` for the loss
+    and every metric the loss function reports (``accuracy`` for classification), and the
+    epoch's wall time ``seconds``."""
+
     epochs: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(self.epochs, indent=2)
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns, and what its checkpoint holds."""
+
+    params: Any
+    opt_state: Any
+    history: History
+    state: Any = None  # the model state of a stateful model; None otherwise
+
+
+def load_fit_checkpoint(path: str | os.PathLike, params, optimizer: optax.GradientTransformation,
+                        state=None) -> FitResult:
+    """The checkpoint :func:`fit` wrote at ``path``, read into the structure of ``params``,
+    ``optimizer``'s state and the model ``state`` (the arguments ``fit`` was given).
+
+    ``len(result.history.epochs)`` is the number of epochs done. Raises like
+    :func:`~handgrad.checkpoint.load_checkpoint`: ValueError naming the file when it is
+    damaged or holds another model or optimizer.
+    """
+    tree, history = read_checkpoint(path, _fit_tree(params, optimizer.init(params), state))
+    if history is None:
+        raise ValueError(f"checkpoint {path} holds no training history: it was not written by "
+                         "fit; train again to write one")
+    return FitResult(tree["params"], tree["opt_state"], History(history), tree["state"])
+
+
+def _fit_tree(params, opt_state, state) -> dict:
+    return {"params": params, "opt_state": opt_state, "state": state}
 
 
 def _progress(iterable: Iterable, total: int, description: str, enabled: bool):
@@ -229,7 +194,8 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
         checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
         progress: bool = True, log: Callable[[str], None] | None = None,
         stop_after_epoch: int | None = None, state=None,
-        eval_loss_fn: Callable | None = None):
+        eval_loss_fn: Callable | None = None,
+        on_step: Callable[[int, Any], None] | None = None) -> FitResult:
     """Train ``params`` on ``data`` (x_train, y_train, x_test, y_test) for ``epochs`` epochs.
 
     The shuffle of epoch ``e`` depends only on ``(seed, e)`` and the step is deterministic, so
@@ -238,7 +204,10 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
     the epoch and step.
 
     Args:
-      checkpoint_path: where parameters, optimizer state and epoch are saved after every epoch.
+      loss_fn: ``loss_fn(params, batch) -> (loss, metrics)``; the loss and every metric of
+        the dict are averaged per epoch over the training and the test set (the history).
+      checkpoint_path: after every epoch, parameters, optimizer state, model state and the
+        history so far are saved there as one file (:func:`save_checkpoint`).
       resume: continue from ``checkpoint_path`` when it exists; when it does not yet (the
         first run of a job that always passes ``resume=True``), start at epoch 0 and say so
         through ``log``. Needs ``checkpoint_path``.
@@ -246,95 +215,89 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
       state: the initial model state of a stateful model (batch-norm statistics, dropout
         key); then ``loss_fn`` is stateful (see :func:`make_train_step`) and
         ``eval_loss_fn`` (the same loss in evaluation mode) is required.
+      on_step: called as ``on_step(global_step, params)`` after every step (1-based).
 
     Returns:
-      ``(params, opt_state, history)``, and the final model state as a fourth element when
-      ``state`` was given; ``history.epochs`` holds per-epoch train/test loss and accuracy
-      and the epoch's wall time.
+      a :class:`FitResult` ``(params, opt_state, history, state)``; ``state`` is None for a
+      stateless model.
     """
     from handgrad import data as data_lib
 
-    # The step donates its inputs; train on copies so the caller's arrays stay usable.
-    params = jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params)
     stateful = state is not None
     if stateful and eval_loss_fn is None:
         raise ValueError("fit: a stateful model needs `eval_loss_fn` (its evaluation mode)")
     if resume and checkpoint_path is None:
         raise ValueError("fit: resume=True needs `checkpoint_path`, the checkpoint to continue")
-    opt_state = optimizer.init(params)
-    start_epoch, history = 0, History()
+    steps = data_lib.num_batches(len(data.x_train), batch_size, drop_remainder=True)
+    if steps == 0:
+        raise ValueError(f"`batch_size` (={batch_size}) is larger than the training set "
+                         f"({len(data.x_train)} examples).")
+    # The step donates its inputs; train on copies so the caller's arrays stay usable.
+    params = jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params)
+    start = FitResult(params, optimizer.init(params), History(), state)
     if resume and Path(checkpoint_path).is_file():
-        saved = load_checkpoint(checkpoint_path, _checkpoint(params, opt_state, state, 0))
-        params, opt_state, state = saved["params"], saved["opt_state"], saved.get("state")
-        start_epoch = int(saved["epoch"])
-        history_file = Path(checkpoint_path).with_suffix(".history.json")
-        if history_file.is_file():
-            history.epochs = json.loads(history_file.read_text())[:start_epoch]
+        start = load_fit_checkpoint(checkpoint_path, params, optimizer, state)
         if log:
-            log(f"resumed from {checkpoint_path} after epoch {start_epoch}")
+            log(f"resumed from {checkpoint_path} after epoch {len(start.history.epochs)}")
     elif resume and log:
         log(f"no checkpoint at {checkpoint_path} yet: starting from epoch 0")
+    history = start.history
+    carry = (start.params, start.opt_state, *([start.state] if stateful else []))
     if mesh is not None:
-        params, opt_state = replicate(params, mesh), replicate(opt_state, mesh)
-        state = replicate(state, mesh) if stateful else None
+        carry = replicate(carry, mesh)
     step = make_train_step(loss_fn, optimizer, mesh=mesh, stateful=stateful)
     eval_step = make_eval_step(eval_loss_fn or loss_fn, stateful=stateful)
-    steps_per_epoch = data_lib.num_batches(len(data.x_train), batch_size, drop_remainder=True)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"`batch_size` (={batch_size}) is larger than the training set "
-            f"({len(data.x_train)} examples)."
-        )
 
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(len(history.epochs), epochs):
         started = time.perf_counter()
-        sums = {}
         batches = data_lib.batches(data.x_train, data.y_train, batch_size, seed=seed,
                                    epoch=epoch, drop_remainder=True)
-        bar = _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
-        for i, batch in enumerate(bar):
-            batch = shard_batch(batch, mesh) if mesh is not None else batch
-            if stateful:
-                params, opt_state, metrics, state = step(params, opt_state, batch, state)
-            else:
-                params, opt_state, metrics = step(params, opt_state, batch)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"the training loss became {loss} at epoch {epoch + 1}, step {i + 1} "
-                    f"(global step {epoch * steps_per_epoch + i + 1}); try a smaller --lr"
-                )
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
-            if progress and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{float(metrics['accuracy']):.3f}")
-        test = evaluate(eval_step, params, data.x_test, data.y_test, mesh=mesh, state=state)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": sums["loss"] / steps_per_epoch,
-            "train_accuracy": sums["accuracy"] / steps_per_epoch,
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
-            "seconds": time.perf_counter() - started,
-        }
-        history.epochs.append(record)
+        batches = _progress(batches, steps, f"epoch {epoch + 1}/{epochs}", progress)
+        carry, train = _run_epoch(step, carry, batches, mesh, epoch, steps, on_step)
+        test = evaluate(eval_step, carry[0], data.x_test, data.y_test, mesh=mesh,
+                        state=carry[2] if stateful else None)
+        seconds = time.perf_counter() - started
+        history.epochs.append({"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()},
+                               **{f"test_{k}": v for k, v in test.items()}, "seconds": seconds})
         if log:
-            log(f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} "
-                f"acc {record['train_accuracy']:.4f} | test loss {record['test_loss']:.4f} "
-                f"acc {record['test_accuracy']:.4f} | {record['seconds']:.1f}s")
+            log(f"epoch {epoch + 1}/{epochs}: train {_metrics_text(train)} | test "
+                f"{_metrics_text(test)} | {seconds:.1f}s")
         if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, _checkpoint(params, opt_state, state, epoch + 1))
-            Path(checkpoint_path).with_suffix(".history.json").write_text(history.to_json())
+            tree = _fit_tree(carry[0], carry[1], carry[2] if stateful else None)
+            save_checkpoint(checkpoint_path, tree, history=history.epochs)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
-    return (params, opt_state, history, state) if stateful else (params, opt_state, history)
+    return FitResult(carry[0], carry[1], history, carry[2] if stateful else None)
 
 
-def _checkpoint(params, opt_state, state, epoch: int) -> dict:
-    saved = {"params": params, "opt_state": opt_state, "epoch": np.int64(epoch)}
-    if state is not None:
-        saved["state"] = state
-    return saved
+def _run_epoch(step: Callable, carry: tuple, batches: Iterable, mesh: Mesh | None,
+               epoch: int, steps: int, on_step) -> tuple[tuple, dict[str, float]]:
+    """Epoch ``epoch`` (0-based, ``steps`` steps): the carry ``(params, opt_state[, state])``
+    after it and the mean of the loss and of every metric over its steps."""
+    steps_before = epoch * steps
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(batches, start=1):
+        batch = shard_batch(batch, mesh) if mesh is not None else batch
+        params, opt_state, metrics, *state = step(carry[0], carry[1], batch, *carry[2:])
+        carry = (params, opt_state, *state)
+        values = {name: float(value) for name, value in metrics.items()}
+        if not math.isfinite(values["loss"]):
+            raise NonFiniteLossError(
+                f"the training loss became {values['loss']} at epoch {epoch + 1}, step {i} "
+                f"(global step {steps_before + i}); try a smaller `learning_rate`"
+            )
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + value
+        if on_step is not None:
+            on_step(steps_before + i, params)
+        if hasattr(batches, "set_postfix"):
+            batches.set_postfix({name: f"{value:.4f}" for name, value in values.items()})
+    means = {name: total / i for name, total in sums.items()}
+    return carry, {"loss": means.pop("loss"), **means}  # jit returns the metrics sorted
+
+
+def _metrics_text(metrics: dict[str, float]) -> str:
+    return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
 
 
 def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:

@@ -1,5 +1,5 @@
-"""The verification suite behind scripts/verify.py: every registered op, the classic network and
-the notes' worked examples, on every platform JAX offers, in float32 and float64.
+"""The verification suite behind ``handgrad verify``: every registered op, the classic network
+and the notes' worked examples, on every platform JAX offers, in float32 and float64.
 
 Per (check, platform, dtype) one :class:`Record`: the worst relative error over all of the
 op's registered cases against autodiff and against central finite differences (float64),

@@ -208,8 +208,8 @@ def test_bfloat16_mlp_training_on_digits():  # about 5 s: 30 epochs of 45 steps
     assert "bf16" in jaxpr
 
     started = time.perf_counter()
-    params, _, history = train.fit(params, optax.adam(1e-3), loss_fn, data, epochs=30,
-                                   batch_size=32, seed=0, progress=False)
+    params, _, history, _ = train.fit(params, optax.adam(1e-3), loss_fn, data, epochs=30,
+                                      batch_size=32, seed=0, progress=False)
     seconds = time.perf_counter() - started
     accuracy = history.epochs[-1]["test_accuracy"]
     print(f"bf16 MLP on digits: test accuracy {accuracy:.4f} after 30 epochs ({seconds:.1f} s); "

@@ -30,7 +30,6 @@ MLP_SIZES = (64, 64, 32, 10)
 
 @pytest.fixture(scope="module")
 def digits() -> data.Dataset:
-    pytest.importorskip("sklearn")
     return data.load_digits(seed=0)
 
 
@@ -385,33 +384,34 @@ def test_resumed_fit_is_bit_identical_to_an_uninterrupted_one(tmp_path, small):
         progress=False,
     )
 
-    whole_params, whole_state, whole = fit(init_params("mlp"))
+    whole = fit(init_params("mlp"))
+    assert isinstance(whole, train.FitResult) and whole.state is None
 
     path = tmp_path / "ckpt.npz"
-    first_params, _, first = fit(init_params("mlp"), checkpoint_path=path, stop_after_epoch=1)
-    assert [e["epoch"] for e in first.epochs] == [1]
-    assert path.is_file() and path.with_suffix(".history.json").is_file()
-    assert max_rel_err(first_params, whole_params) > 1e-3  # it really was interrupted
+    first = fit(init_params("mlp"), checkpoint_path=path, stop_after_epoch=1)
+    assert [e["epoch"] for e in first.history.epochs] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.npz"]  # history inside
+    assert max_rel_err(first.params, whole.params) > 1e-3  # it really was interrupted
 
     logged = []
-    params, opt_state, history = fit(
-        init_params("mlp"), checkpoint_path=path, resume=True, log=logged.append
-    )
+    resumed = fit(init_params("mlp"), checkpoint_path=path, resume=True, log=logged.append)
     assert logged[0] == f"resumed from {path} after epoch 1"
-    assert_trees_bit_identical(params, whole_params)
-    assert_trees_bit_identical(opt_state, whole_state)
+    assert_trees_bit_identical(resumed.params, whole.params)
+    assert_trees_bit_identical(resumed.opt_state, whole.opt_state)
     # The history is continued: epoch 1 as recorded before the interruption, epoch 2 anew.
+    history = resumed.history
     assert [e["epoch"] for e in history.epochs] == [1, 2]
-    assert history.epochs[0] == first.epochs[0]
+    assert history.epochs[0] == first.history.epochs[0]
     for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
-        assert history.epochs[1][key] == whole.epochs[1][key], key
-    saved = json.loads(path.with_suffix(".history.json").read_text())
-    assert [e["epoch"] for e in saved] == [1, 2]
+        assert history.epochs[1][key] == whole.history.epochs[1][key], key
+    saved = train.load_fit_checkpoint(path, init_params("mlp"), optimizer)
+    assert saved.history.epochs == history.epochs
+    assert_trees_bit_identical(saved.params, whole.params)
 
     # Resuming a finished run trains no further.
-    again_params, _, again = fit(init_params("mlp"), checkpoint_path=path, resume=True)
-    assert_trees_bit_identical(again_params, whole_params)
-    assert [e["epoch"] for e in again.epochs] == [1, 2]
+    again = fit(init_params("mlp"), checkpoint_path=path, resume=True)
+    assert_trees_bit_identical(again.params, whole.params)
+    assert [e["epoch"] for e in again.history.epochs] == [1, 2]
 
 
 def test_fit_resume_without_a_checkpoint_yet_starts_fresh_and_says_so(tmp_path, small):
@@ -420,14 +420,22 @@ def test_fit_resume_without_a_checkpoint_yet_starts_fresh_and_says_so(tmp_path, 
                             epochs=1, batch_size=32, seed=5, progress=False)
     path = tmp_path / "first-run.npz"
     logged = []
-    params, _, history = fit(init_params("mlp"), checkpoint_path=path, resume=True,
-                             log=logged.append)
+    result = fit(init_params("mlp"), checkpoint_path=path, resume=True, log=logged.append)
     assert logged[0] == f"no checkpoint at {path} yet: starting from epoch 0"
-    assert [e["epoch"] for e in history.epochs] == [1] and path.is_file()
-    fresh_params, _, _ = fit(init_params("mlp"))
-    assert_trees_bit_identical(params, fresh_params)
+    assert [e["epoch"] for e in result.history.epochs] == [1] and path.is_file()
+    assert_trees_bit_identical(result.params, fit(init_params("mlp")).params)
     with pytest.raises(ValueError, match=r"fit: resume=True needs `checkpoint_path`"):
         fit(init_params("mlp"), resume=True)
+
+
+def test_fit_calls_on_step_after_every_step_with_the_new_parameters(small):
+    seen = []
+    result = train.fit(init_params("mlp"), optax.sgd(0.1), models.classification_loss(models.mlp),
+                       small, epochs=2, batch_size=64, progress=False,
+                       on_step=lambda step, params: seen.append((step, jax.device_get(params))))
+    assert [step for step, _ in seen] == list(range(1, 11))  # 320 examples: 5 steps an epoch
+    assert_trees_bit_identical(seen[-1][1], result.params)
+    assert max_rel_err(seen[0][1], result.params) > 1e-3
 
 
 # --- 5. evaluate ---------------------------------------------------------------------------------
@@ -537,13 +545,13 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     for where, m in (("mesh", train.make_mesh(4)), ("single", None)):
         fits[where] = train.fit(init("float32"), optimizer, loss_fn, ds, epochs=1,
                                 batch_size=32, mesh=m, progress=False)
-    params, _, history = fits["mesh"]
+    params, _, history, _ = fits["mesh"]
     out["fit_epochs"] = [e["epoch"] for e in history.epochs]
     out["fit_finite"] = all(np.isfinite(v) for v in history.epochs[0].values())
     out["fit_params_replicated"] = replicated(params)
-    out["fit_rel"] = rel(params, fits["single"][0])
+    out["fit_rel"] = rel(params, fits["single"].params)
     out["fit_test_loss"] = [history.epochs[0]["test_loss"],
-                            fits["single"][2].epochs[0]["test_loss"]]
+                            fits["single"].history.epochs[0]["test_loss"]]
     try:
         train.fit(init("float32"), optimizer, loss_fn, ds, epochs=1, batch_size=30,
                   mesh=train.make_mesh(4), progress=False)
