@@ -6,9 +6,9 @@ from ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, o
 JAX on SLURM, Open MPI, Kubernetes and Cloud TPU). From then on ``jax.devices()`` lists every
 process's devices, a :class:`jax.sharding.Mesh` over them spans the hosts, and a jit-compiled
 step runs on all of them with XLA's collectives between (gloo on CPUs, NCCL on GPUs, ICI on
-TPUs). Each process holds only its own devices' part of an array: :func:`global_batch` builds
-the global batch from each process's slice, :func:`to_host` brings a (replicated or sharded)
-array back whole on every process.
+TPUs). Each process holds only its own devices' part of an array:
+:func:`handgrad.train.place` puts each process's part of a global value on its devices,
+:func:`handgrad.train.to_host` brings a (replicated or sharded) array back whole.
 
 A process that dies is noticed by the coordination service within ``heartbeat_timeout``
 seconds; the others then stop with JAX's "Terminating process because the JAX distributed
@@ -22,8 +22,6 @@ import os
 from dataclasses import dataclass
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
 
 HEARTBEAT_TIMEOUT_SECONDS = 30
 INITIALIZATION_TIMEOUT_SECONDS = 120
@@ -102,54 +100,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         coordinator_bind_address=bind, heartbeat_timeout_seconds=heartbeat_timeout,
         initialization_timeout=initialization_timeout)
     return current()
-
-
-def global_batch(local, sharding: NamedSharding, global_size: int):
-    """The global arrays whose rows ``[i·n, (i+1)·n)`` are process ``i``'s ``local`` rows
-    (``n`` = global_size / process count), laid out as ``sharding`` says."""
-    def one(leaf):
-        leaf = np.asarray(leaf)
-        return jax.make_array_from_process_local_data(
-            sharding, leaf, (global_size, *leaf.shape[1:]))
-
-    return jax.tree_util.tree_map(one, local)
-
-
-def local_rows(global_size: int, processes: Processes | None = None) -> slice:
-    """This process's rows of a global batch of ``global_size`` (contiguous, in process
-    order, as :func:`global_batch` lays them out)."""
-    processes = processes or current()
-    if global_size % processes.count:
-        raise ValueError(f"the global batch size ({global_size}) must be divisible by the "
-                         f"number of processes ({processes.count})")
-    n = global_size // processes.count
-    return slice(processes.index * n, (processes.index + 1) * n)
-
-
-def to_host(tree):
-    """NumPy copies of every array of ``tree``, whole, on every process (replicated arrays
-    are read locally; sharded ones are gathered — a collective: every process must call)."""
-    def one(leaf):
-        if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
-            return np.asarray(leaf)
-        if leaf.is_fully_replicated:
-            return np.asarray(leaf.addressable_data(0))
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-
-    return jax.tree_util.tree_map(one, tree)
-
-
-def replicate_everywhere(tree, mesh: Mesh):
-    """Host values (the same on every process) as arrays replicated over the whole mesh."""
-    sharding = NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def one(leaf):
-        leaf = np.asarray(leaf)
-        return jax.make_array_from_process_local_data(sharding, leaf, leaf.shape)
-
-    return jax.tree_util.tree_map(one, tree)
 
 
 def barrier(name: str) -> None:

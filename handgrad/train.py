@@ -2,8 +2,14 @@
 
 The same step runs on one device or data-parallel over a :class:`jax.sharding.Mesh`: the batch
 is split along its first axis with ``NamedSharding``, parameters and optimizer state are
-replicated, and XLA inserts the all-reduce that averages the gradients (the loss is a mean over
-the global batch, so the averaged gradient is exactly the single-device one).
+replicated (or, with ``shard_params``, split over the same axis, FSDP/ZeRO-3 style), and XLA
+inserts the collectives that average the gradients (the loss is a mean over the global batch,
+so the averaged gradient is exactly the single-device one).
+
+The mesh may span several processes (:mod:`handgrad.distributed`): every process runs ``fit``
+on the same data with the same seed, so every process knows the global batch order; each puts
+only its own devices' rows on them. Host reads of replicated values (the loss, the metrics)
+read the local copy; checkpoints are gathered by every process and written by process 0.
 """
 
 from __future__ import annotations
@@ -39,24 +45,73 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def make_mesh(num_devices: int | None = None, devices=None) -> Mesh:
-    """A 1-D mesh over the first ``num_devices`` local devices (all of them by default)."""
-    devices = list(jax.local_devices() if devices is None else devices)
+    """A 1-D mesh over the first ``num_devices`` devices (all of them by default; with
+    several processes, every process's devices)."""
+    devices = list(jax.devices() if devices is None else devices)
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(
                 f"`num_devices` (={num_devices}) must be between 1 and the {len(devices)} "
-                f"local devices ({devices[0].platform})."
+                f"devices ({devices[0].platform})."
+            )
+        if jax.process_count() > 1 and num_devices != len(devices):
+            raise ValueError(
+                f"`num_devices` (={num_devices}): with {jax.process_count()} processes the mesh "
+                f"spans all {len(devices)} devices, every process's."
             )
         devices = devices[:num_devices]
     return Mesh(np.array(devices), (BATCH_AXIS,))
 
 
+# Parameters smaller than this many entries stay replicated under shard_params: splitting a
+# bias saves nothing and costs a collective.
+SHARD_MIN_SIZE = 1024
+
+
+def param_sharding(mesh: Mesh, shard_params: bool = False) -> Callable:
+    """``leaf -> NamedSharding`` for parameters and optimizer state: replicated, or with
+    ``shard_params`` split over the mesh's data axis along the leaf's largest axis that the
+    device count divides (leaves under :data:`SHARD_MIN_SIZE` entries stay replicated)."""
+    n = mesh.devices.size
+
+    def rule(leaf) -> NamedSharding:
+        shape = tuple(np.shape(leaf))
+        axes = [a for a in range(len(shape)) if shape[a] % n == 0]
+        if not shard_params or n == 1 or not axes or math.prod(shape) < SHARD_MIN_SIZE:
+            return NamedSharding(mesh, P())
+        axis = max(axes, key=lambda a: shape[a])
+        return NamedSharding(mesh, P(*([None] * axis), BATCH_AXIS))
+
+    return rule
+
+
+def place(tree, mesh: Mesh, rule: Callable | None = None):
+    """Put host or device values onto the mesh, each leaf as ``rule(leaf)`` says (default
+    replicated). On a mesh spanning several processes each process supplies the same whole
+    values and puts only its own devices' parts (``jax.make_array_from_callback``). Typed
+    PRNG keys travel as their raw data."""
+    rule = rule or param_sharding(mesh)
+    if all(d.process_index == jax.process_index() for d in mesh.devices.flat):
+        return jax.tree_util.tree_map(lambda leaf: jax.device_put(leaf, rule(leaf)), tree)
+
+    def one(leaf):
+        if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+            impl = jax.random.key_impl(leaf)
+            return jax.random.wrap_key_data(one(jax.random.key_data(leaf)), impl=impl)
+        host = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array)
+                          and not leaf.is_fully_addressable else leaf)
+        return jax.make_array_from_callback(host.shape, rule(leaf), lambda index: host[index])
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    return place(tree, mesh)
 
 
 def shard_batch(batch, mesh: Mesh):
-    """Split every array of the batch along its first axis over the mesh's devices."""
+    """Split every array of the (global) batch along its first axis over the mesh's devices;
+    on a mesh spanning processes each process puts its own devices' rows."""
     n = mesh.devices.size
     for leaf in jax.tree_util.tree_leaves(batch):
         if leaf.shape[0] % n:
@@ -64,7 +119,25 @@ def shard_batch(batch, mesh: Mesh):
                 f"the batch size ({leaf.shape[0]}) must be divisible by the number of devices "
                 f"({n}) for data-parallel training; choose `batch_size` as a multiple of {n}."
             )
-    return jax.device_put(batch, NamedSharding(mesh, P(BATCH_AXIS)))
+    split = NamedSharding(mesh, P(BATCH_AXIS))
+    return place(batch, mesh, lambda leaf: split)
+
+
+def to_host(tree):
+    """NumPy copies of ``tree``'s arrays, whole, on every process: replicated arrays are read
+    locally, arrays split over processes are gathered (a collective: every process calls)."""
+    def one(leaf):
+        if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):  # kept typed
+            return leaf if leaf.is_fully_addressable else leaf.addressable_data(0)
+        if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+            return np.asarray(jax.device_get(leaf))
+        if leaf.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 # --- steps -----------------------------------------------------------------------------------
@@ -72,7 +145,7 @@ def shard_batch(batch, mesh: Mesh):
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                     mesh: Mesh | None = None, donate: bool = True,
-                    stateful: bool = False) -> Callable:
+                    stateful: bool = False, shard_params: bool = False) -> Callable:
     """A jit-compiled ``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
     Args:
@@ -84,6 +157,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
       donate: donate the params and optimizer-state buffers to the step (updated in place).
       stateful: the step is ``step(params, opt_state, batch, state) -> (params, opt_state,
         metrics, state)``.
+      shard_params: with a mesh, keep parameters and optimizer state split over the data
+        axis (:func:`param_sharding`) instead of replicated; XLA gathers each weight where
+        it is used and reduce-scatters its gradient. Same numbers, less memory per device.
 
     Returns:
       the compiled step; ``metrics`` holds ``loss`` and the aux metrics.
@@ -102,9 +178,21 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         return jax.jit(step, donate_argnums=donate_argnums)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(BATCH_AXIS))
     extra = (replicated,) if stateful else ()
-    return jax.jit(step, donate_argnums=donate_argnums,
-                   in_shardings=(replicated, replicated, split, *extra),
-                   out_shardings=(replicated, replicated, replicated, *extra))
+    rule = param_sharding(mesh, shard_params)
+    compiled = {}
+
+    def sharded_step(params, opt_state, batch, *state):
+        # The shardings of parameters and optimizer state follow from their shapes: build
+        # the jit for this structure once, on the first call.
+        key = jax.tree_util.tree_structure((params, opt_state))
+        if key not in compiled:
+            trees = tuple(jax.tree_util.tree_map(rule, t) for t in (params, opt_state))
+            compiled[key] = jax.jit(step, donate_argnums=donate_argnums,
+                                    in_shardings=(*trees, split, *extra),
+                                    out_shardings=(*trees, replicated, *extra))
+        return compiled[key](params, opt_state, batch, *state)
+
+    return sharded_step
 
 
 def make_eval_step(loss_fn: Callable, stateful: bool = False) -> Callable:
@@ -132,7 +220,7 @@ def evaluate(eval_step: Callable, params, x, y, batch_size: int = 512,
             batch = replicate(batch, mesh)
         loss, aux = eval_step(params, batch, *extra)
         weight = len(batch[0])
-        for name, value in {"loss": loss, **aux}.items():
+        for name, value in to_host({"loss": loss, **aux}).items():
             totals[name] = totals.get(name, 0.0) + float(value) * weight
     return {name: value / len(x) for name, value in totals.items()}
 
@@ -195,7 +283,8 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
         progress: bool = True, log: Callable[[str], None] | None = None,
         stop_after_epoch: int | None = None, state=None,
         eval_loss_fn: Callable | None = None,
-        on_step: Callable[[int, Any], None] | None = None) -> FitResult:
+        on_step: Callable[[int, Any], None] | None = None,
+        shard_params: bool = False) -> FitResult:
     """Train ``params`` on ``data`` (x_train, y_train, x_test, y_test) for ``epochs`` epochs.
 
     The shuffle of epoch ``e`` depends only on ``(seed, e)`` and the step is deterministic, so
@@ -216,6 +305,12 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
         key); then ``loss_fn`` is stateful (see :func:`make_train_step`) and
         ``eval_loss_fn`` (the same loss in evaluation mode) is required.
       on_step: called as ``on_step(global_step, params)`` after every step (1-based).
+      shard_params: with a mesh, split parameters and optimizer state over the data axis
+        (see :func:`make_train_step`).
+
+    With a mesh spanning several processes every process calls ``fit`` with the same
+    arguments; ``log`` and ``progress`` are for process 0 to pass, and only process 0 writes
+    the checkpoint (every process reads it to resume).
 
     Returns:
       a :class:`FitResult` ``(params, opt_state, history, state)``; ``state`` is None for a
@@ -244,8 +339,10 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
     history = start.history
     carry = (start.params, start.opt_state, *([start.state] if stateful else []))
     if mesh is not None:
-        carry = replicate(carry, mesh)
-    step = make_train_step(loss_fn, optimizer, mesh=mesh, stateful=stateful)
+        rule = param_sharding(mesh, shard_params)
+        carry = (*place(carry[:2], mesh, rule), *replicate(carry[2:], mesh))
+    step = make_train_step(loss_fn, optimizer, mesh=mesh, stateful=stateful,
+                           shard_params=shard_params)
     eval_step = make_eval_step(eval_loss_fn or loss_fn, stateful=stateful)
 
     for epoch in range(len(history.epochs), epochs):
@@ -263,8 +360,9 @@ def fit(params, optimizer: optax.GradientTransformation, loss_fn: Callable, data
             log(f"epoch {epoch + 1}/{epochs}: train {_metrics_text(train)} | test "
                 f"{_metrics_text(test)} | {seconds:.1f}s")
         if checkpoint_path is not None:
-            tree = _fit_tree(carry[0], carry[1], carry[2] if stateful else None)
-            save_checkpoint(checkpoint_path, tree, history=history.epochs)
+            tree = to_host(_fit_tree(carry[0], carry[1], carry[2] if stateful else None))
+            if jax.process_index() == 0:
+                save_checkpoint(checkpoint_path, tree, history=history.epochs)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     return FitResult(carry[0], carry[1], history, carry[2] if stateful else None)
@@ -280,7 +378,7 @@ def _run_epoch(step: Callable, carry: tuple, batches: Iterable, mesh: Mesh | Non
         batch = shard_batch(batch, mesh) if mesh is not None else batch
         params, opt_state, metrics, *state = step(carry[0], carry[1], batch, *carry[2:])
         carry = (params, opt_state, *state)
-        values = {name: float(value) for name, value in metrics.items()}
+        values = {name: float(value) for name, value in to_host(metrics).items()}
         if not math.isfinite(values["loss"]):
             raise NonFiniteLossError(
                 f"the training loss became {values['loss']} at epoch {epoch + 1}, step {i} "

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import os
 import shlex
 import statistics
 import sys
@@ -101,14 +102,39 @@ def build_parser(prog: str = "handgrad train") -> argparse.ArgumentParser:
         help="seeds the digits split, the init and the shuffle (default: %(default)s)")
     add("--out", metavar="DIR", help="run directory (default: runs/<model>-<data>-<timestamp>)")
     add("--devices", type=_args.positive_int, default=None, metavar="N",
-        help="data-parallel over the first N local devices (default: all of them)")
+        help="data-parallel over the first N devices (default: all of them; with several "
+        "processes, all of every process's)")
     add("--dtype", choices=DTYPES, default="float32", help="compute dtype of the forward and "
         "backward passes; bfloat16 keeps float32 master weights; float64 turns on "
         "jax_enable_x64 for the run (default: %(default)s)")
     add("--resume", action="store_true", help="continue from the checkpoint in --out "
         "(bit-identical to an uninterrupted run on CPU)")
     add("--no-progress", action="store_true", help="no progress bar (the epoch lines stay)")
+    add("--shard-params", action="store_true", help="data-parallel: split the parameters and "
+        "optimizer state over the devices (FSDP / ZeRO-3) instead of replicating them; the "
+        "same numbers, less memory per device, a gather per weight per step")
+    group = parser.add_argument_group(
+        "several processes (jax.distributed; every process runs the same command, process 0 "
+        "reports and writes the checkpoint)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's "
+                       "coordination service (default: $JAX_COORDINATOR_ADDRESS, or what JAX "
+                       "detects on SLURM, Open MPI, Kubernetes, Cloud TPU)")
+    group.add_argument("--num-processes", type=_args.positive_int, metavar="N",
+                       help="how many processes (default: $JAX_NUM_PROCESSES or detected)")
+    group.add_argument("--process-id", type=_args.non_negative_int, metavar="I",
+                       help="this process's index in [0, N) (default: $JAX_PROCESS_ID or "
+                       "detected)")
+    group.add_argument("--heartbeat-timeout", type=_args.positive_int, metavar="SECONDS",
+                       default=30, help="a process silent this long counts as dead and the "
+                       "others stop with an error (default: %(default)s)")
     return parser
+
+
+def _wants_processes(args) -> bool:
+    import os
+
+    return any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)) \
+        or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "handgrad train") -> int:
@@ -118,10 +144,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "handgrad train") -> int
     try:
         parser = build_parser(prog)
         args = parser.parse_args(argv)
+        if _wants_processes(args):  # before anything else touches JAX's devices
+            from handgrad import distributed
+
+            try:
+                distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                       heartbeat_timeout=args.heartbeat_timeout)
+            except (ValueError, TypeError, RuntimeError) as error:
+                parser.error(f"cannot join the other processes: {error}")
         import jax
 
         x64 = jax.enable_x64(True) if args.dtype == "float64" else contextlib.nullcontext()
-        with x64:
+        quiet = (contextlib.redirect_stdout(open(os.devnull, "w"))
+                 if jax.process_index() > 0 else contextlib.nullcontext())
+        with x64, quiet:  # with several processes, process 0 prints for all of them
             return _train(_setup(parser, args), argv, prog, started)
     except SystemExit as exit_:  # argparse: --help (0) and errors (2)
         return _args.exit_code(exit_)
@@ -256,14 +292,14 @@ def _mesh(parser, args):
 
     from handgrad import train as train_lib
 
-    num_devices = args.devices if args.devices is not None else len(jax.local_devices())
+    num_devices = args.devices if args.devices is not None else len(jax.devices())
     try:
         mesh = train_lib.make_mesh(num_devices)
         if num_devices > 1:  # the library's own check, before anything is trained
             train_lib.shard_batch(np.zeros((args.batch_size,), np.float32), mesh)
     except ValueError as error:
         where = ("argument --devices" if args.devices is not None else
-                 f"data-parallel over all {num_devices} local devices (--devices N for fewer)")
+                 f"data-parallel over all {num_devices} devices (--devices N for fewer)")
         parser.error(f"{where}: {error}")
     return mesh if num_devices > 1 else None
 
@@ -330,17 +366,21 @@ def measure_step_ms(setup: Setup, loss_fn, *, warmup: int = 3, min_steps: int = 
     params, state = _init(setup)
     stateful = state is not None
     step = train_lib.make_train_step(loss_fn, setup.optimizer, mesh=setup.mesh,
-                                     stateful=stateful)
+                                     stateful=stateful, shard_params=setup.args.shard_params)
     size = setup.args.batch_size
     carry = (params, setup.optimizer.init(params), *([state] if stateful else []))
     batch = (setup.data.x_train[:size], setup.data.y_train[:size])
     if setup.mesh is None:
         batch = jax.device_put(batch)  # the transfer is not part of the step
     else:
-        carry = train_lib.replicate(carry, setup.mesh)
+        rule = train_lib.param_sharding(setup.mesh, setup.args.shard_params)
+        carry = (*train_lib.place(carry[:2], setup.mesh, rule),
+                 *train_lib.replicate(carry[2:], setup.mesh))
         batch = train_lib.shard_batch(batch, setup.mesh)
     times: list[float] = []
-    while len(times) < warmup + min_steps or (len(times) < warmup + max_steps
+    # With several processes every one must run the same steps (each is a collective).
+    budget = max_steps if jax.process_count() == 1 else min_steps
+    while len(times) < warmup + min_steps or (len(times) < warmup + budget
                                               and sum(times[warmup:]) < max_seconds):
         started = time.perf_counter()
         params, opt_state, _, *state = jax.block_until_ready(step(carry[0], carry[1], batch,
@@ -359,7 +399,8 @@ def _train(setup: Setup, argv: list[str], prog: str, started: float) -> int:
     args, out = setup.args, setup.out
     run = train_report.RunRecord.start(setup, _num_params(_init(setup)[0]))
     run.print_header(setup)
-    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
     run.warn_on_resume_mismatch(out, args.resume, setup.checkpoints)
     run.write(out)
     results, first_step = {}, {}
@@ -373,7 +414,7 @@ def _train(setup: Setup, argv: list[str], prog: str, started: float) -> int:
 
             def keep_first(step, params, mode=mode):
                 if step == 1:
-                    first_step[mode] = jax.device_get(params)
+                    first_step[mode] = train_lib.to_host(params)
 
             fit_started = time.perf_counter()
             results[mode] = train_lib.fit(
@@ -381,7 +422,9 @@ def _train(setup: Setup, argv: list[str], prog: str, started: float) -> int:
                 batch_size=args.batch_size, seed=args.seed, mesh=setup.mesh,
                 checkpoint_path=out / setup.checkpoints[mode], resume=args.resume,
                 progress=not args.no_progress, log=print, state=state,
-                eval_loss_fn=eval_loss_fn if setup.spec.stateful else None, on_step=keep_first)
+                eval_loss_fn=eval_loss_fn if setup.spec.stateful else None, on_step=keep_first,
+                shard_params=args.shard_params)
+            results[mode] = results[mode]._replace(params=train_lib.to_host(results[mode].params))
             run.trained(mode, results[mode], time.perf_counter() - fit_started,
                         measure_step_ms(setup, loss_fn))
     except train_lib.NonFiniteLossError as error:

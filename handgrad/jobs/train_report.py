@@ -86,6 +86,12 @@ def versions() -> dict[str, str]:
             "handgrad": handgrad.__version__}
 
 
+def _main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
 @dataclasses.dataclass
 class RunRecord:
     """``metrics.json`` as it fills up, and the task whose metrics it reports."""
@@ -112,6 +118,7 @@ class RunRecord:
             "fast_paths": handgrad.fast_paths_enabled(),
             "devices": [str(d) for d in setup.devices], "num_devices": len(setup.devices),
             "data_parallel": setup.mesh is not None, "backend": jax.default_backend(),
+            "processes": jax.process_count(), "shard_params": setup.args.shard_params,
             "device_kind": setup.devices[0].device_kind, "versions": versions(),
             "dataset": {"name": ds.name, "train": len(ds.x_train), "test": len(ds.x_test),
                         "image_shape": list(ds.image_shape), "num_classes": ds.num_classes},
@@ -127,7 +134,9 @@ class RunRecord:
         print(f"backend {m['backend']}: {m['num_devices']} × {m['device_kind']} "
               f"({', '.join(m['devices'])})"
               + (f", data-parallel over {m['num_devices']} devices" if m["data_parallel"]
-                 else "") + (f" [{local} local devices]" if local != m["num_devices"] else ""))
+                 else "") + (f" [{local} local devices]" if local != m["num_devices"] else "")
+              + (f" in {m['processes']} processes" if m["processes"] > 1 else "")
+              + (", parameters sharded" if m["shard_params"] else ""))
         print("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
         print(f"data: {setup.data!r}")
         print(f"model: {setup.spec.name}: {setup.spec.description}; {m['num_params']:,} "
@@ -155,7 +164,8 @@ class RunRecord:
                   "it (pass --resume to continue it)", file=sys.stderr)
 
     def write(self, out: Path) -> None:
-        _write_json(out / "metrics.json", self.metrics)
+        if _main_process():
+            _write_json(out / "metrics.json", self.metrics)
 
     def fail(self, out: Path, error: str) -> None:
         self.metrics.update(status="failed", error=error)
@@ -194,11 +204,12 @@ class RunRecord:
                                        for mode in modes}
         m[f"test_{task.headline}"] = m[f"final_test_{task.headline}"][modes[0]]
         m["status"] = "finished"
-        plot_curves(out / "curves.png", m["history"], task,
-                    f"{m['model']} on {m['data']}, {m['grad']} gradients")
         m["wall_seconds"] = wall_seconds
-        self.write(out)
-        write_report(out / "report.md", m, task, command)
+        if _main_process():  # with several processes, process 0 reports for all of them
+            plot_curves(out / "curves.png", m["history"], task,
+                        f"{m['model']} on {m['data']}, {m['grad']} gradients")
+            self.write(out)
+            write_report(out / "report.md", m, task, command)
         final = ", ".join(f"{mode} {m[f'final_test_{task.headline}'][mode]:.4f}"
                           for mode in modes)
         print(f"final test {task.headline} {final} ({wall_seconds:.1f} s); run dir {out}")
