@@ -618,7 +618,7 @@ def test_data_parallel_errors(data_parallel):
     assert "(4)" in out["batch_30"]
     assert out["fit_30"] is not None and "batch size (30)" in out["fit_30"]
     assert out["mesh_5"] is not None, "make_mesh(5) on 4 devices was accepted"
-    assert "(=5)" in out["mesh_5"] and "4 local devices" in out["mesh_5"]
+    assert "(=5)" in out["mesh_5"] and "the 4 devices" in out["mesh_5"]
     assert out["mesh_default_size"] == 4 and out["mesh_2_size"] == 2
 
 
