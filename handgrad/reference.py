@@ -291,7 +291,7 @@ def gelu(x, approximate=False):
     if approximate:
         y = 0.5 * xf * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (xf + 0.044715 * xf**3)))
     else:
-        y = 0.5 * xf * (1 + jax.scipy.special.erf(xf / jnp.sqrt(2.0)))
+        y = 0.5 * xf * jax.scipy.special.erfc(-xf / jnp.sqrt(2.0))  # x·Φ(x)
     return y.astype(x.dtype)
 
 

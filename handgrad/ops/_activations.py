@@ -296,6 +296,12 @@ def _floating_input(op, x):
     return x
 
 
+def _normal_cdf(xf):
+    # Φ(x) = ½(1 + erf(x/√2)), written ½·erfc(−x/√2): the same value without the cancellation
+    # of 1 + erf(…) → 0 in the left tail (relative accuracy where gelu(x) is tiny).
+    return 0.5 * jax.lax.erfc(-xf * _SQRT_HALF)
+
+
 def _gelu_tanh_argument(xf):
     return _SQRT_2_OVER_PI * (xf + _GELU_CUBIC * xf * xf * xf)
 
@@ -306,7 +312,7 @@ def _gelu(x, approximate):
     if approximate:
         y = 0.5 * xf * (1 + jnp.tanh(_gelu_tanh_argument(xf)))
     else:
-        y = 0.5 * xf * (1 + jax.lax.erf(xf * _SQRT_HALF))  # x·Φ(x)
+        y = xf * _normal_cdf(xf)
     return y.astype(x.dtype)
 
 
@@ -321,8 +327,7 @@ def _gelu_bwd(approximate, x, g):
         du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * xf * xf)
         slope = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * du
     else:  # d/dx x·Φ(x) = Φ(x) + x·φ(x)
-        slope = (0.5 * (1 + jax.lax.erf(xf * _SQRT_HALF))
-                 + xf * _INV_SQRT_2PI * jnp.exp(-0.5 * xf * xf))
+        slope = _normal_cdf(xf) + xf * _INV_SQRT_2PI * jnp.exp(-0.5 * xf * xf)
     return ((g.astype(xf.dtype) * slope).astype(x.dtype),)
 
 
