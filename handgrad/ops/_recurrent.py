@@ -42,8 +42,10 @@ def _time_major(a):
 
 
 def _input_projection(x, w_x, b):
-    """``x_t·W_xᵀ + b`` for every timestep at once: one GEMM, time-major ``(T, N, kH)``."""
-    return jnp.einsum("ntd,gd->tng", x, w_x) + b.reshape(1, 1, -1)
+    """``x_t·W_xᵀ + b`` for every timestep at once: one GEMM over the N·T rows, time-major
+    ``(T, N, kH)``. (x is put time-major first: a GEMM writing a permuted output is slower
+    on CPU, docs/derivations.md §10.2.)"""
+    return _time_major(x) @ w_x.T + b.reshape(1, 1, -1)
 
 
 def _previous(first, seq):
@@ -61,8 +63,8 @@ def _sums_over_time(dz, inputs):
 def _input_gradients(dz, x, w_x):
     """dx, dW_x, db from the stacked pre-activation gradients dz ``(T, N, kH)`` — the input
     side of every step at once (dense layer's rules, §1, with the rows being (t, n))."""
-    dx = jnp.einsum("tng,gd->ntd", dz, w_x)  # dx_t = dz_t·W_x
-    dw_x = jnp.einsum("tng,ntd->gd", dz, x)  # Σ_t dz_tᵀ·x_t
+    dx = _time_major(dz @ w_x)  # dx_t = dz_t·W_x, back to batch-first
+    dw_x = _sums_over_time(dz, _time_major(x))  # Σ_t dz_tᵀ·x_t
     db = jnp.sum(dz, axis=(0, 1))  # Σ_t Σ_rows dz_t
     return dx, dw_x, db
 
@@ -111,9 +113,9 @@ def _check_args(op, x, x_layout, states, w_x, w_h, biases, gates):
 # --- RNN -----------------------------------------------------------------------------------
 
 
-def _rnn_cell(zx, h_prev, w_h):
-    """h = tanh(zx + h_prev·W_hᵀ), with zx = x·W_xᵀ + b already computed."""
-    return jnp.tanh(zx + h_prev @ w_h.T)
+def _rnn_cell(zx, h_prev, w_h_t):
+    """h = tanh(zx + h_prev·W_hᵀ), with zx = x·W_xᵀ + b already computed and w_h_t = W_hᵀ."""
+    return jnp.tanh(zx + h_prev @ w_h_t)
 
 
 def _rnn_cell_bwd(dh, h, w_h):
@@ -135,9 +137,10 @@ def _rnn_forward(x, h0, w_x, w_h, b):
     acc = _acc_dtype(x, h0, w_x, w_h, b)
     x, h0, w_x, w_h, b = (a.astype(acc) for a in (x, h0, w_x, w_h, b))
     zx = _input_projection(x, w_x, b)  # (T, N, H): every step's input side, one GEMM
+    w_h_t = w_h.T  # transposed once, not at every step
 
     def step(h_prev, zx_t):
-        h = _rnn_cell(zx_t, h_prev, w_h)
+        h = _rnn_cell(zx_t, h_prev, w_h_t)
         return h, h
 
     _, hs = lax.scan(step, h0, zx)
@@ -211,7 +214,7 @@ def rnn(x, h0, w_x, w_h, b):
 def _rnn_step(x, h_prev, w_x, w_h, b):
     acc = _acc_dtype(x, h_prev, w_x, w_h, b)
     zx = x.astype(acc) @ w_x.astype(acc).T + _row(b.astype(acc))
-    h = _rnn_cell(zx, h_prev.astype(acc), w_h.astype(acc))
+    h = _rnn_cell(zx, h_prev.astype(acc), w_h.astype(acc).T)
     return h.astype(_out_dtype(x, h_prev, w_x, w_h, b))
 
 
@@ -261,10 +264,10 @@ def rnn_step(x, h_prev, w_x, w_h, b):
 # --- LSTM ----------------------------------------------------------------------------------
 
 
-def _lstm_cell(zx, h_prev, c_prev, w_h):
-    """One LSTM step from zx = x·W_xᵀ + b: (h, c, gates), gates = [σ(i), σ(f), tanh(g), σ(o)]
-    stacked along the last axis like the weights' rows."""
-    zi, zf, zg, zo = _split(zx + h_prev @ w_h.T, 4)
+def _lstm_cell(zx, h_prev, c_prev, w_h_t):
+    """One LSTM step from zx = x·W_xᵀ + b and w_h_t = W_hᵀ: (h, c, gates), gates =
+    [σ(i), σ(f), tanh(g), σ(o)] stacked along the last axis like the weights' rows."""
+    zi, zf, zg, zo = _split(zx + h_prev @ w_h_t, 4)
     i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
     c = f * c_prev + i * g
     h = o * jnp.tanh(c)
@@ -298,9 +301,10 @@ def _lstm_forward(x, h0, c0, w_x, w_h, b):
     acc = _acc_dtype(x, h0, c0, w_x, w_h, b)
     x, h0, c0, w_x, w_h, b = (a.astype(acc) for a in (x, h0, c0, w_x, w_h, b))
     zx = _input_projection(x, w_x, b)  # (T, N, 4H): every step's input side, one GEMM
+    w_h_t = w_h.T  # transposed once, not at every step
 
     def step(carry, zx_t):
-        h, c, gates = _lstm_cell(zx_t, *carry, w_h)
+        h, c, gates = _lstm_cell(zx_t, *carry, w_h_t)
         return (h, c), (h, c, gates)
 
     _, (hs, cs, gates) = lax.scan(step, (h0, c0), zx)
@@ -388,7 +392,7 @@ def _lstm_step_cell(x, h_prev, c_prev, w_x, w_h, b):
     """(h, c, gates) of one step, in the accumulation dtype."""
     acc = _acc_dtype(x, h_prev, c_prev, w_x, w_h, b)
     zx = x.astype(acc) @ w_x.astype(acc).T + _row(b.astype(acc))
-    return _lstm_cell(zx, h_prev.astype(acc), c_prev.astype(acc), w_h.astype(acc))
+    return _lstm_cell(zx, h_prev.astype(acc), c_prev.astype(acc), w_h.astype(acc).T)
 
 
 @jax.custom_vjp
@@ -451,11 +455,11 @@ def lstm_step(x, h_prev, c_prev, w_x, w_h, b):
 # --- GRU -----------------------------------------------------------------------------------
 
 
-def _gru_cell(zx, h_prev, w_h, b_h):
-    """One GRU step (PyTorch's form) from zx = x·W_xᵀ + b_x: (h, gates [r, z, n], hn) with
-    hn = h_prev·W_hnᵀ + b_hn, the part r scales."""
+def _gru_cell(zx, h_prev, w_h_t, b_h):
+    """One GRU step (PyTorch's form) from zx = x·W_xᵀ + b_x and w_h_t = W_hᵀ: (h, gates
+    [r, z, n], hn) with hn = h_prev·W_hnᵀ + b_hn, the part r scales."""
     xr, xz, xn = _split(zx, 3)
-    hr, hz, hn = _split(h_prev @ w_h.T + _row(b_h), 3)
+    hr, hz, hn = _split(h_prev @ w_h_t + _row(b_h), 3)
     r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
     n = jnp.tanh(xn + r * hn)
     h = (1 - z) * n + z * h_prev
@@ -490,9 +494,10 @@ def _gru_forward(x, h0, w_x, w_h, b_x, b_h):
     acc = _acc_dtype(x, h0, w_x, w_h, b_x, b_h)
     x, h0, w_x, w_h, b_x, b_h = (a.astype(acc) for a in (x, h0, w_x, w_h, b_x, b_h))
     zx = _input_projection(x, w_x, b_x)  # (T, N, 3H): every step's input side, one GEMM
+    w_h_t = w_h.T  # transposed once, not at every step
 
     def step(h_prev, zx_t):
-        h, gates, hn = _gru_cell(zx_t, h_prev, w_h, b_h)
+        h, gates, hn = _gru_cell(zx_t, h_prev, w_h_t, b_h)
         return h, (h, gates, hn)
 
     _, (hs, gates, hn) = lax.scan(step, h0, zx)
@@ -577,7 +582,7 @@ def _gru_step_cell(x, h_prev, w_x, w_h, b_x, b_h):
     """(h, gates, hn) of one step, in the accumulation dtype."""
     acc = _acc_dtype(x, h_prev, w_x, w_h, b_x, b_h)
     zx = x.astype(acc) @ w_x.astype(acc).T + _row(b_x.astype(acc))
-    return _gru_cell(zx, h_prev.astype(acc), w_h.astype(acc), b_h.astype(acc))
+    return _gru_cell(zx, h_prev.astype(acc), w_h.astype(acc).T, b_h.astype(acc))
 
 
 @jax.custom_vjp
