@@ -10,6 +10,8 @@ from handgrad.ops._activations import relu as relu
 from handgrad.ops._activations import sigmoid as sigmoid
 from handgrad.ops._activations import softmax as softmax
 from handgrad.ops._activations import tanh as tanh
+from handgrad.ops._attention import attention as attention
+from handgrad.ops._attention import flash_attention as flash_attention
 from handgrad.ops._conv import conv2d as conv2d
 from handgrad.ops._dense import dense as dense
 from handgrad.ops._dense import flatten as flatten
@@ -43,4 +45,6 @@ OP_NAMES = (
     "batch_norm",
     "layer_norm",
     "dropout",
+    "attention",
+    "flash_attention",
 )
