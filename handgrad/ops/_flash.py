@@ -26,9 +26,9 @@ from jax import lax
 
 from handgrad.ops._activations import accumulation_dtype
 
-# Default block lengths per platform (rows of queries and of keys per tile); the measurements
-# behind the CPU value are in docs/performance.md. Shorter sequences use one block.
-CPU_BLOCK = 256
+# Default block lengths per platform (rows of queries and of keys per tile), capped at the
+# sequence lengths; why these: docs/derivations.md §11.5.
+CPU_BLOCK = 128
 ACCELERATOR_BLOCK = 512
 
 
