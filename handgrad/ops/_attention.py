@@ -57,7 +57,7 @@ def _allowed(mask, causal, tq, tk):
 def _probabilities(q, k, mask, config):
     """P = softmax(S) row by row, S = scale·QKᵀ with −∞ where the mask forbids, in the
     accumulation dtype. A row with no allowed key gets P = 0."""
-    S = config.scale * _dot("nhqd,nhkd->nhqk", q, k)
+    S = _dot("nhqd,nhkd->nhqk", (config.scale * q).astype(q.dtype), k)  # (scale·Q)·Kᵀ
     allowed = _allowed(mask, config.causal, q.shape[2], k.shape[2])
     if allowed is not None:
         S = jnp.where(allowed, S, -jnp.inf)

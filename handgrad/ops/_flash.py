@@ -100,10 +100,15 @@ def _dot(spec, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=accumulation_dtype(a.dtype))
 
 
-def _masked_scores(q_i, k_j, i, j, tiling: _Tiling, config: FlashConfig):
-    """The tile S = scale·Q_i·K_jᵀ with −∞ where a query may not see a key: padded tails,
+def _scaled(q, config: FlashConfig):
+    """scale·Q, once: then S = (scale·Q)·Kᵀ tile by tile, and dK = dSᵀ·(scale·Q)."""
+    return (config.scale * q).astype(q.dtype)
+
+
+def _masked_scores(cq_i, k_j, i, j, tiling: _Tiling, config: FlashConfig):
+    """The tile S = (scale·Q_i)·K_jᵀ with −∞ where a query may not see a key: padded tails,
     and for causal attention keys after the query."""
-    s = config.scale * _dot("nhqd,nhkd->nhqk", q_i, k_j)
+    s = _dot("nhqd,nhkd->nhqk", cq_i, k_j)
     query = i * tiling.block_q + jnp.arange(tiling.block_q)[:, None]
     key = j * tiling.block_k + jnp.arange(tiling.block_k)[None, :]
     allowed = (query < tiling.tq) & (key < tiling.tk)
@@ -124,9 +129,9 @@ def forward(q, k, v, config: FlashConfig):
 def _forward(q, k, v, config: FlashConfig):
     tiling = _tiling(config, q.shape[2], k.shape[2])
     bq, bk = tiling.block_q, tiling.block_k
-    q, k, v = _pad_rows(q, bq), _pad_rows(k, bk), _pad_rows(v, bk)
+    cq, k, v = _pad_rows(_scaled(q, config), bq), _pad_rows(k, bk), _pad_rows(v, bk)
     acc_dtype = accumulation_dtype(q.dtype)
-    rows = q.shape[:3]
+    rows = cq.shape[:3]
     start = (jnp.full(rows, -jnp.inf, acc_dtype),  # m: running max of the scores
              jnp.zeros(rows, acc_dtype),  # l: running Σ exp(s − m)
              jnp.zeros((*rows, v.shape[3]), acc_dtype))  # acc: running Σ exp(s − m)·v
@@ -134,7 +139,7 @@ def _forward(q, k, v, config: FlashConfig):
     def tile(carry, pair):
         m, l, acc = carry
         i, j = pair[0], pair[1]
-        s = _masked_scores(_rows(q, i, bq), _rows(k, j, bk), i, j, tiling, config)
+        s = _masked_scores(_rows(cq, i, bq), _rows(k, j, bk), i, j, tiling, config)
         m_old, l_old = _rows(m, i, bq), _rows(l, i, bq)
         m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
         # A row that has seen no allowed key yet keeps m = −∞; shift it by 0 instead, so that
@@ -169,23 +174,24 @@ def backward(q, k, v, L, dO, D, config: FlashConfig):
 def _backward(q, k, v, L, dO, D, config: FlashConfig):
     tiling = _tiling(config, q.shape[2], k.shape[2])
     bq, bk = tiling.block_q, tiling.block_k
-    q, dO, L, D = (_pad_rows(x, bq) for x in (q, dO, L, D))
+    cq, dO, L, D = (_pad_rows(x, bq) for x in (_scaled(q, config), dO, L, D))
     k, v = _pad_rows(k, bk), _pad_rows(v, bk)
     acc_dtype = accumulation_dtype(q.dtype)
-    start = tuple(jnp.zeros(x.shape, acc_dtype) for x in (q, k, v))  # dQ, dK, dV
+    start = tuple(jnp.zeros(x.shape, acc_dtype) for x in (cq, k, v))  # dQ/scale, dK, dV
 
     def tile(carry, pair):
         dQ, dK, dV = carry
         i, j = pair[0], pair[1]
-        q_i, dO_i, k_j, v_j = _rows(q, i, bq), _rows(dO, i, bq), _rows(k, j, bk), _rows(v, j, bk)
-        s = _masked_scores(q_i, k_j, i, j, tiling, config)
+        cq_i, dO_i = _rows(cq, i, bq), _rows(dO, i, bq)
+        k_j, v_j = _rows(k, j, bk), _rows(v, j, bk)
+        s = _masked_scores(cq_i, k_j, i, j, tiling, config)
         p = jnp.exp(s - _rows(L, i, bq)[..., None])  # P = exp(S − L); −∞ (masked) gives 0
         dV = _add_rows(dV, j, bk, _dot("nhqk,nhqd->nhkd", p.astype(dO.dtype), dO_i))  # Pᵀ·dO
         dP = _dot("nhqd,nhkd->nhqk", dO_i, v_j)  # dP = dO·Vᵀ
         dS = (p * (dP - _rows(D, i, bq)[..., None])).astype(q.dtype)  # P ⊙ (dP − D)
-        dQ = _add_rows(dQ, i, bq, config.scale * _dot("nhqk,nhkd->nhqd", dS, k_j))
-        dK = _add_rows(dK, j, bk, config.scale * _dot("nhqk,nhqd->nhkd", dS, q_i))
+        dQ = _add_rows(dQ, i, bq, _dot("nhqk,nhkd->nhqd", dS, k_j))  # dQ_i/scale += dS·K_j
+        dK = _add_rows(dK, j, bk, _dot("nhqk,nhqd->nhkd", dS, cq_i))  # dK_j += dSᵀ·scale·Q_i
         return (dQ, dK, dV), None
 
     (dQ, dK, dV), _ = lax.scan(tile, start, tiling.pairs)
-    return dQ[:, :, :tiling.tq], dK[:, :, :tiling.tk], dV[:, :, :tiling.tk]
+    return config.scale * dQ[:, :, :tiling.tq], dK[:, :, :tiling.tk], dV[:, :, :tiling.tk]
