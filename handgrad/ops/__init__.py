@@ -1,7 +1,7 @@
 """The ops: each a ``jax.custom_vjp`` whose backward is the textbook formula, written out.
 
 One module per family: `_dense`, `_activations`, `_losses`, `_conv`,
-`_pooling`, `_norm`, `_dropout`.
+`_pooling`, `_norm`, `_dropout`, `_attention` (its block loops in `_flash`).
 """
 
 from handgrad.ops._activations import leaky_relu as leaky_relu
