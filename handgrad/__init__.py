@@ -10,6 +10,7 @@ from handgrad import reference as reference
 from handgrad.check import CheckResult as CheckResult
 from handgrad.check import check_vjp as check_vjp
 from handgrad.ops import BatchNormStats as BatchNormStats
+from handgrad.ops import attention as attention
 from handgrad.ops import avg_pool2d as avg_pool2d
 from handgrad.ops import batch_norm as batch_norm
 from handgrad.ops import binary_cross_entropy as binary_cross_entropy
@@ -17,6 +18,7 @@ from handgrad.ops import conv2d as conv2d
 from handgrad.ops import dense as dense
 from handgrad.ops import dropout as dropout
 from handgrad.ops import embedding as embedding
+from handgrad.ops import flash_attention as flash_attention
 from handgrad.ops import flatten as flatten
 from handgrad.ops import gelu as gelu
 from handgrad.ops import group_norm as group_norm

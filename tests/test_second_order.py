@@ -30,7 +30,7 @@ RTOL = 1e-9
 ATOL = 1e-12
 HESSIAN_MAX_SIZE = 64  # the Hessian is size²: larger arguments get hvp only
 FAMILIES = ("dense", "activations", "losses", "conv", "pooling", "norm", "dropout", "embedding",
-            "recurrent")
+            "recurrent", "attention")
 SPECS = registry.specs()
 
 
