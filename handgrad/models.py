@@ -297,6 +297,7 @@ class ModelSpec:
     apply: Callable  # (params, x, *, ops) -> logits; stateful: (…, state, training) -> (…)
     description: str
     init_state: Callable | None = None  # (params, key) -> state, for stateful models
+    task: str = "classification"  # a row of handgrad.jobs.tasks.TASKS
 
     @property
     def stateful(self) -> bool:
@@ -331,7 +332,48 @@ MODELS: dict[str, ModelSpec] = {
         "conv-BN-relu-pool ×2, dense(64), dropout 0.25, dense — batch norm and dropout",
         init_state=init_cnn_bn_state,
     ),
+    "lstm": ModelSpec(
+        "lstm",
+        lambda key, shape, vocab, dtype=jnp.float32: init_char_lstm(key, vocab, dtype=dtype),
+        char_lstm,
+        "character LSTM: embedding(64) → LSTM(256) → dense to the vocabulary",
+        task="language",
+    ),
+    "gpt": ModelSpec(
+        "gpt",
+        lambda key, shape, vocab, dtype=jnp.float32: init_gpt(key, vocab, context=shape[0],
+                                                              dtype=dtype),
+        gpt,
+        "character GPT: token + position embeddings (128), 2 pre-LayerNorm blocks with "
+        "4-head causal attention and a GELU MLP, LayerNorm, dense to the vocabulary",
+        task="language",
+    ),
 }
+
+
+def language_model_loss(apply: Callable, *, ops: ModuleType = handgrad, compute_dtype=None,
+                        stateful: bool = False, training: bool = True) -> Callable:
+    """``loss_fn(params, (ids, targets)) -> (mean cross-entropy per character, metrics)``.
+
+    ``ids`` and ``targets`` are ``(N, T)`` character ids, ``targets`` the next characters;
+    the loss is the mean over all N·T positions in nats; ``metrics`` holds ``bits_per_char``
+    (the same loss in bits) and ``accuracy`` (of the most likely next character). With
+    ``compute_dtype`` the parameters are cast (the ids stay integers)."""
+    if stateful:
+        raise ValueError("language_model_loss: the language models here have no state")
+    del training  # no dropout or batch statistics: the same in training and evaluation
+
+    def forward(params, batch):
+        ids, targets = batch
+        if compute_dtype is not None:
+            params = jax.tree_util.tree_map(lambda p: p.astype(compute_dtype), params)
+        logits = apply(params, ids, ops=ops)
+        loss = ops.softmax_cross_entropy(logits, targets)
+        loss = loss.astype(jnp.promote_types(loss.dtype, jnp.float32))
+        return loss, {"bits_per_char": loss / jnp.log(2.0).astype(loss.dtype),
+                      "accuracy": jnp.mean(jnp.argmax(logits, axis=-1) == targets)}
+
+    return forward
 
 
 def classification_loss(apply: Callable, *, ops: ModuleType = handgrad,

@@ -70,16 +70,19 @@ def softmax(z, axis: int = -1):
     return (e / jnp.sum(e, axis=axis, keepdims=True)).astype(z.dtype)
 
 
-def softmax_cross_entropy(logits, labels):
+def softmax_cross_entropy(logits, labels, mask=None):
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
-    m = logits.shape[0]
-    logp = _acc(log_softmax(logits, axis=1))
+    positions = logits.shape[:-1]
+    mask = jnp.ones(positions, bool) if mask is None else jnp.asarray(mask)
+    logp = _acc(log_softmax(logits, axis=-1))
     if jnp.issubdtype(labels.dtype, jnp.integer):
-        picked = jnp.take_along_axis(logp, labels[:, None], axis=1, mode="clip")
-        valid = ((labels >= 0) & (labels < logits.shape[1]))[:, None]
-        picked = jnp.where(valid, picked, jnp.nan)
-        return (-jnp.sum(picked) / m).astype(logits.dtype)
-    return (-jnp.sum(_acc(labels) * logp) / m).astype(logits.dtype)
+        picked = jnp.take_along_axis(logp, labels[..., None], axis=-1, mode="clip")[..., 0]
+        valid = (labels >= 0) & (labels < logits.shape[-1])
+        per_position = jnp.where(valid | ~mask, -picked, jnp.nan)
+    else:
+        per_position = -jnp.sum(_acc(labels) * logp, axis=-1)
+    count = jnp.maximum(jnp.sum(mask), 1)
+    return (jnp.sum(jnp.where(mask, per_position, 0)) / count).astype(logits.dtype)
 
 
 def binary_cross_entropy(probs, targets):

@@ -264,13 +264,30 @@ _register_elementwise("log_softmax", ops.log_softmax, reference.log_softmax,
 # --- losses --------------------------------------------------------------------------------
 
 
-def _ce_case(m, k, probs=False):
-    def make(key, dtype):
-        kz, ky = _keys(key, 2)
-        y = probability_rows(ky, (m, k), dtype) if probs else labels(ky, m, k)
-        return normal(kz, (m, k), dtype, 2.0), y
+def _ce_case(m, k, probs=False, lead=(), masked=False):
+    """Logits (*lead, m, k); integer labels or probability rows; with ``masked`` a random
+    boolean mask over the positions (the first one counts), and at integer labels the masked
+    positions get the out-of-range label -1, padding's usual value, which must be ignored."""
+    positions = (*lead, m)
 
-    return Case(f"logits({m}x{k})-{'probs' if probs else 'int'}", make)
+    def make(key, dtype):
+        kz, ky, km = _keys(key, 3)
+        if probs:
+            y = probability_rows(ky, (*positions, k), dtype)
+        else:
+            y = jax.random.randint(ky, positions, 0, k, dtype=jnp.int32)
+        args = (normal(kz, (*positions, k), dtype, 2.0), y)
+        if not masked:
+            return args
+        mask = jax.random.bernoulli(km, 0.6, positions).reshape(-1).at[0].set(True)
+        mask = mask.reshape(positions)
+        if not probs:
+            args = (args[0], jnp.where(mask, y, -1))
+        return (*args, mask)
+
+    shape = "x".join(map(str, (*positions, k)))
+    return Case(f"logits({shape})-{'probs' if probs else 'int'}{'-mask' if masked else ''}",
+                make)
 
 
 register(OpSpec(
@@ -278,20 +295,31 @@ register(OpSpec(
     family="losses",
     op=ops.softmax_cross_entropy,
     reference=reference.softmax_cross_entropy,
-    argnames=("logits", "labels"),
-    cases=(_ce_case(6, 4), _ce_case(1, 3), _ce_case(5, 7, probs=True), _ce_case(1, 2, True)),
-    random_case=lambda draw: _ce_case(draw(1, 8), draw(2, 8), probs=draw(0, 1) == 1),
+    argnames=("logits", "labels", "mask"),
+    cases=(_ce_case(6, 4), _ce_case(1, 3), _ce_case(5, 7, probs=True), _ce_case(1, 2, True),
+           _ce_case(5, 4, lead=(3,), masked=True),  # (batch, time, classes), padded positions
+           _ce_case(3, 6, True, lead=(2,), masked=True),
+           _ce_case(4, 5, lead=(2,)), _ce_case(7, 3, lead=(1, 2), masked=True)),
+    random_case=lambda draw: _ce_case(draw(1, 8), draw(2, 8), probs=draw(0, 1) == 1,
+                                      lead=(draw(1, 3),) * draw(0, 1), masked=draw(0, 1) == 1),
     derivation="§3.1",
-    formula="dz = (softmax(z) − y)/m;  dy = −log softmax(z)/m",
+    formula="dz = mask·(softmax(z) − y)/n;  dy = −mask·log softmax(z)/n  (n = Σ mask)",
     bad_inputs=(
         BadInput("labels-shape", lambda: (_zeros(4, 3), jnp.zeros((5,), jnp.int32)),
-                 ValueError, r"integer `labels` must have shape \(m,\) = \(4,\)"),
-        BadInput("logits-rank", lambda: (_zeros(4), jnp.zeros((4,), jnp.int32)), ValueError,
-                 r"`logits` must have rank 2 \(m, k\), got shape \(4,\)"),
+                 ValueError, r"integer `labels` must have shape \(4,\) to match logits "
+                             r"\(4, 3\)"),
+        BadInput("logits-rank", lambda: (_zeros(), jnp.zeros((), jnp.int32)), ValueError,
+                 r"`logits` must have rank >= 1 \(\.\.\., k\), got shape \(\)"),
         BadInput("probs-shape", lambda: (_zeros(4, 3), _zeros(4, 2)), ValueError,
                  r"`logits` and `labels` must have the same shape"),
         BadInput("bool-labels", lambda: (_zeros(4, 3), jnp.zeros((4,), bool)), TypeError,
                  r"`labels` must be integer class indices"),
+        BadInput("mask-shape", lambda: (_zeros(2, 4, 3), jnp.zeros((2, 4), jnp.int32),
+                                        jnp.ones((4, 2), bool)), ValueError,
+                 r"`mask` must be boolean of shape \(2, 4\) .* got bool \(4, 2\)"),
+        BadInput("mask-dtype", lambda: (_zeros(4, 3), jnp.zeros((4,), jnp.int32),
+                                        jnp.ones((4,), jnp.int32)), ValueError,
+                 r"`mask` must be boolean of shape \(4,\) .* got int32"),
     ),
 ))
 

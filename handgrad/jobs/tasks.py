@@ -25,13 +25,42 @@ class Task:
     metrics: tuple[str, ...]  # reported beside the loss, in this order
     headline: str  # the metric of the final line and of metrics.json's test_<headline>
     loss_label: str  # the loss curve's axis label
+    # after training: describe(apply, params, data, seed) -> (metrics for metrics.json,
+    # markdown lines for report.md), e.g. a language model's sample text
+    describe: Callable | None = None
+
+
+def describe_language_model(apply: Callable, params, data, seed: int) -> tuple[dict, list[str]]:
+    """The unigram baseline in bits per character, and 400 characters sampled from the model
+    after a prompt of one validation window."""
+    import jax
+    import numpy as np
+
+    prompt = np.asarray(data.x_test[0])
+    new = models.sample_text(apply, params, prompt, 400, jax.random.key(seed))
+    prompt_text, sample = data.decode(prompt), data.decode(new)
+    metrics = {"unigram_bits_per_char": data.unigram_bits, "corpus": data.source,
+               "vocabulary": len(data.vocab), "sample_prompt": prompt_text,
+               "sample_text": sample}
+    fence = "~~~~"
+    lines = ["", "## Text", "",
+             f"Corpus: {data.source}; vocabulary {len(data.vocab)} characters. A model that "
+             "ignores context (the training text's character frequencies) scores "
+             f"{data.unigram_bits:.3f} bits per character on the validation text.", "",
+             "Sampled (temperature 0.8) after a validation window as the prompt; the prompt is "
+             "shown first, then `⟩`, then the model's 400 characters:", "", fence,
+             prompt_text + "⟩" + sample, fence]
+    return metrics, lines
 
 
 TASKS: dict[str, Task] = {
     "classification": Task("classification", models.classification_loss, ("accuracy",),
                            "accuracy", "cross-entropy (nats)"),
+    "language": Task("language", models.language_model_loss, ("bits_per_char", "accuracy"),
+                     "bits_per_char", "cross-entropy (nats per character)",
+                     describe_language_model),
 }
 
 
 def task_of(spec: models.ModelSpec) -> Task:
-    return TASKS[getattr(spec, "task", "classification")]
+    return TASKS[spec.task]

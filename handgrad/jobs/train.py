@@ -55,11 +55,14 @@ DEFAULTS = {
     ("cnn", "28x28"): (5, 1e-3),
     ("cnn-bn", "28x28"): (5, 1e-3),
     ("lenet", "28x28"): (5, 1e-3),
+    ("lstm", "text"): (6, 3e-3),
+    ("gpt", "text"): (6, 1e-3),
 }
 
 
 def _defaults_for(model: str, data: str) -> tuple[int, float]:
-    return DEFAULTS.get((model, "digits" if data == "digits" else "28x28"), (10, 1e-3))
+    kind = data if data in ("digits", "text") else "28x28"
+    return DEFAULTS.get((model, kind), (10, 1e-3))
 
 
 def build_parser(prog: str = "handgrad train") -> argparse.ArgumentParser:
@@ -86,7 +89,17 @@ def build_parser(prog: str = "handgrad train") -> argparse.ArgumentParser:
         help="digits: bundled with scikit-learn (8×8); mnist/fashion-mnist: read from "
         "--data-dir, nothing is downloaded (default: %(default)s)")
     add("--data-dir", metavar="PATH", help="directory with the four MNIST IDX files (plain or "
-        ".gz) or <data>.npz (for mnist and fashion-mnist)")
+        ".gz) or <data>.npz (for mnist and fashion-mnist); with --download, where to keep "
+        "them (default: $HANDGRAD_DATA or the user cache directory)")
+    add("--download", action="store_true", help="mnist/fashion-mnist: fetch the four files "
+        "from the canonical mirrors once, SHA-256 verified, into --data-dir or the cache")
+    add("--data-path", metavar="FILE", help="--data text: a UTF-8 text file to train on "
+        "instead of the bundled corpus (Python's own help topics)")
+    add("--seq-len", type=_args.positive_int, default=64, help="--data text: characters per "
+        "training window (default: %(default)s)")
+    add("--attention", choices=("textbook", "flash"), default="textbook",
+        help="--model gpt: the attention op, attention (saves P) or flash_attention "
+        "(blockwise, O(T) memory) (default: %(default)s)")
     add("--epochs", type=_args.positive_int, default=None, help="epochs to train (default: per "
         "model/data, see below). With --resume: the total, including those done")
     add("--batch-size", type=_args.positive_int, default=32, help="global batch size; with "
@@ -214,14 +227,27 @@ def _setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Setup:
     if args.data == "digits" and args.data_dir is not None:
         print("note: --data-dir is not used for digits (bundled with scikit-learn)",
               file=sys.stderr)
-    if args.data in data_lib.MNIST_KINDS and args.data_dir is None:
+    if args.data in data_lib.MNIST_KINDS and args.data_dir is None and not args.download:
         parser.error(f"--data {args.data} needs --data-dir DIR holding the four IDX files or "
-                     f"{args.data}.npz (nothing is downloaded)")
+                     f"{args.data}.npz, or --download to fetch them")
+    if args.data_path is not None and args.data != "text":
+        parser.error("--data-path is for --data text (use --data-dir for image data)")
     try:
-        ds = data_lib.load(args.data, data_dir=args.data_dir, seed=args.seed)
-    except (ValueError, FileNotFoundError) as error:
+        if args.data == "text":
+            ds = data_lib.load_text(args.data_path, seq_len=args.seq_len, seed=args.seed)
+        else:
+            ds = data_lib.load(args.data, data_dir=args.data_dir, seed=args.seed,
+                               download=args.download)
+    except (ValueError, OSError) as error:
         parser.error(f"cannot load {args.data}: {error}")
     spec = MODELS[args.model]
+    if (spec.task == "language") != isinstance(ds, data_lib.TextDataset):
+        parser.error(f"--model {args.model} ({spec.task}) does not train on --data "
+                     f"{args.data}: language models (lstm, gpt) take --data text, the "
+                     "others images")
+    if args.model == "gpt":
+        spec = dataclasses.replace(spec, apply=functools.partial(spec.apply,
+                                                                 attention=args.attention))
     _check_model_fits(parser, args, spec, ds)
     if args.batch_size > len(ds.x_train):
         parser.error(f"--batch-size {args.batch_size} is larger than the training set "
@@ -277,9 +303,12 @@ def _check_model_fits(parser, args, spec, ds) -> None:
         return spec.apply(params, x, ops=handgrad, state=state, training=False)[0]
 
     try:
-        logits = jax.eval_shape(forward, jax.ShapeDtypeStruct((2, *shape), jnp.float32))
-        if logits.shape != (2, ds.num_classes):
-            raise ValueError(f"logits of shape {logits.shape}, expected (2, {ds.num_classes})")
+        x = jax.ShapeDtypeStruct((2, *shape), jnp.result_type(ds.x_train.dtype, jnp.float32)
+                                 if ds.x_train.dtype.kind == "f" else ds.x_train.dtype)
+        logits = jax.eval_shape(forward, x)
+        expected = (2, *ds.y_train.shape[1:], ds.num_classes)
+        if logits.shape != expected:
+            raise ValueError(f"logits of shape {logits.shape}, expected {expected}")
     except (ValueError, TypeError) as error:
         parser.error(f"--model {args.model} does not fit {ds.name} images of shape {shape}: "
                      f"{error}")
@@ -439,6 +468,11 @@ def _train(setup: Setup, argv: list[str], prog: str, started: float) -> int:
         return 130
     if len(setup.modes) > 1:
         run.compare(results, first_step)
+    if setup.task.describe is not None:
+        extra, lines = setup.task.describe(setup.spec.apply, results[setup.modes[0]].params,
+                                           setup.data, args.seed)
+        run.metrics.update(extra)
+        run.report_lines = lines
     run.finish(out, f"{prog} {shlex.join(argv)}", time.perf_counter() - started)
     return 0
 

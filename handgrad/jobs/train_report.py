@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 # Why float32 trajectories part and float64 ones do not (report.md, --grad both).
@@ -98,6 +99,7 @@ class RunRecord:
 
     metrics: dict
     task: object  # handgrad.jobs.tasks.Task
+    report_lines: list = dataclasses.field(default_factory=list)  # the task's, for report.md
 
     @classmethod
     def start(cls, setup, num_params: int) -> RunRecord:
@@ -209,7 +211,7 @@ class RunRecord:
             plot_curves(out / "curves.png", m["history"], task,
                         f"{m['model']} on {m['data']}, {m['grad']} gradients")
             self.write(out)
-            write_report(out / "report.md", m, task, command)
+            write_report(out / "report.md", m, task, command, self.report_lines)
         final = ", ".join(f"{mode} {m[f'final_test_{task.headline}'][mode]:.4f}"
                           for mode in modes)
         print(f"final test {task.headline} {final} ({wall_seconds:.1f} s); run dir {out}")
@@ -232,15 +234,20 @@ def _comparison(m: dict) -> list[str]:
             f"Hand step / autodiff step = {ratio:.2f}."]
 
 
-def write_report(path: Path, m: dict, task, command: str) -> None:
+def write_report(path: Path, m: dict, task, command: str, extra: Sequence[str] = ()) -> None:
     modes, ds = m["modes"], m["dataset"]
+    if ds["name"] == "text":
+        data = (f"{m.get('corpus', 'text')}: {ds['train']} training / {ds['test']} validation "
+                f"windows of {ds['image_shape'][0]} characters, vocabulary {ds['num_classes']}")
+    else:
+        data = (f"{ds['name']}: {ds['train']} train / {ds['test']} test, images "
+                f"{'×'.join(map(str, ds['image_shape']))}, {ds['num_classes']} classes")
     names = ("loss", *task.metrics)
     lines = [
         f"# {m['model']} on {m['data']} — {m['grad']} gradients", "", f"`{command}`", "",
         "| | |", "|---|---|",
         f"| model | {m['model']} ({m['num_params']:,} parameters) |",
-        f"| data | {ds['name']}: {ds['train']} train / {ds['test']} test, images "
-        f"{'×'.join(map(str, ds['image_shape']))}, {ds['num_classes']} classes |",
+        f"| data | {data} |",
         f"| gradients | {m['grad']} |",
         f"| optimizer | {m['optimizer']}, lr {m['lr']:g}, batch {m['batch_size']}, "
         f"{m['epochs']} epochs, seed {m['seed']} |",
@@ -272,7 +279,7 @@ def write_report(path: Path, m: dict, task, command: str) -> None:
             lines.append(f"| {r['epoch']} | " + " | ".join(
                 f"{r[f'{split}_{n}']:.4f}" for split in ("train", "test") for n in names)
                 + f" | {r['seconds']:.2f} |")
-    lines += ["", "![loss and metrics per epoch](curves.png)", ""]
+    lines += [*extra, "", "![loss and metrics per epoch](curves.png)", ""]
     path.write_text("\n".join(lines))
 
 

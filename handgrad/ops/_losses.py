@@ -9,6 +9,8 @@ docs/derivations.md §3.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -35,116 +37,136 @@ def _mean_over_batch(per_element, m, dtype):
 
 
 # --- softmax cross-entropy -----------------------------------------------------------------
+# Positions p are the rows of logits reshaped to (P, k): the batch, or (batch, time) for a
+# sequence. J = −(1/count)·Σ_p mask_p·Σ_k y_pk·log a_pk with count = Σ_p mask_p (P without a
+# mask): the mean over the positions that count.
 
 
 def _label_in_range(labels, k):
-    """(m, 1) bool: a label outside [0, k) cannot be checked at trace time (it is data), so
-    it makes the loss and its gradient NaN — never a silently wrong, finite number."""
+    """(P, 1) bool: a label outside [0, k) cannot be checked at trace time (it is data), so
+    at a position that counts it makes the loss and its gradient NaN — never a silently
+    wrong, finite number."""
     return ((labels >= 0) & (labels < k))[:, None]
+
+
+def _count(mask):
+    """How many positions count (at least 1: a batch with every position masked has loss 0
+    and zero gradients, not 0/0)."""
+    return jnp.maximum(jnp.sum(mask), 1)
 
 
 def _log_softmax_parts(logits):
     """The log-sum-exp pieces of log_softmax(logits) (rows), in the accumulation dtype.
 
     The losses keep these (two numbers a row) and the logits as residuals, not log_softmax:
-    the same (m, k) bytes, but the backward's ``exp`` reads logits that were never rounded
-    (log_softmax was saved in the logits' dtype, so 16-bit logits lost digits before ``exp``),
-    and the rules are plain JAX, so ``jax.hessian`` of the loss works. Time is unchanged: at
-    (4096, 1000), 4.3–4.9 ms both, paired in one process (XLA fused either residual away)."""
+    the backward's ``exp`` reads logits that were never rounded to 16 bits, and the rules
+    are plain JAX, so ``jax.hessian`` of the loss works."""
     zf = _acc(logits)
     peak, log_sum = log_sum_exp_parts(zf, 1)
     return zf, peak, log_sum
 
 
 def _one_hot(labels, like):
-    """y[i, labels[i]] = 1, zeros elsewhere — written as that scatter, not as
-    ``labels[:, None] == iota``: XLA:CPU fuses the comparison into the gradient's elementwise
-    loop, and that made the MLP 784-512-512-10 step 7–11 % slower than autodiff (which
-    scatters), against parity with the scatter (paired, three executables each, four runs).
-    A row whose label is out of range becomes NaN in the caller, whatever is written here."""
+    """y[p, labels[p]] = 1, zeros elsewhere, written as that scatter (docs/performance.md
+    #softmax-cross-entropy). A position whose label is out of range becomes NaN in the
+    caller, whatever is written here."""
     rows = jnp.arange(like.shape[0])
     return jnp.zeros_like(like).at[rows, labels].set(1, mode="drop")
 
 
-def _softmax_ce_int_forward(logits, labels):
+def _softmax_ce_int_forward(logits, labels, mask):
     zf, peak, log_sum = _log_softmax_parts(logits)
     picked = jnp.take_along_axis(zf, labels[:, None], axis=1, mode="clip")
-    logp_picked = log_softmax_from_parts(picked, peak, log_sum)  # log a[i, y_i]
-    logp_picked = jnp.where(_label_in_range(labels, logits.shape[1]), logp_picked, jnp.nan)
-    return _mean_over_batch(-logp_picked, _batch_size(logits), logits.dtype), (peak, log_sum)
+    logp_picked = log_softmax_from_parts(picked, peak, log_sum)  # log a[p, y_p]
+    counted = mask[:, None]
+    logp_picked = jnp.where(_label_in_range(labels, logits.shape[1]) | ~counted, logp_picked,
+                            jnp.nan)
+    loss = jnp.sum(jnp.where(counted, -logp_picked, 0)) / _count(mask)
+    return loss.astype(logits.dtype), (peak, log_sum)
 
 
 @jax.custom_vjp
-def _softmax_ce_int(logits, labels):
-    return _softmax_ce_int_forward(logits, labels)[0]
+def _softmax_ce_int(logits, labels, mask):
+    return _softmax_ce_int_forward(logits, labels, mask)[0]
 
 
-def _softmax_ce_int_fwd(logits, labels):
-    loss, (peak, log_sum) = _softmax_ce_int_forward(logits, labels)
-    # Residuals: the logits, their log-sum-exp pieces (2 numbers a row) and the labels.
-    return loss, (logits, peak, log_sum, labels)
+def _softmax_ce_int_fwd(logits, labels, mask):
+    loss, (peak, log_sum) = _softmax_ce_int_forward(logits, labels, mask)
+    # Residuals: the logits, their log-sum-exp pieces (2 numbers a row), labels and mask.
+    return loss, (logits, peak, log_sum, labels, mask)
 
 
 def _softmax_ce_int_bwd(residuals, g):
-    logits, peak, log_sum, labels = residuals
-    m = _batch_size(logits)
+    logits, peak, log_sum, labels, mask = residuals
     a = jnp.exp(log_softmax_from_parts(_acc(logits), peak, log_sum))  # softmax
     y = _one_hot(labels, a)
-    # The fused softmax + cross-entropy gradient: dz = (a − y)/m, scaled by the upstream g.
-    dz = (g.astype(a.dtype) / m) * (a - y)
-    dz = jnp.where(_label_in_range(labels, logits.shape[1]), dz, jnp.nan)
-    return dz.astype(logits.dtype), None  # integer labels: no cotangent
+    counted = mask[:, None]
+    # The fused softmax + cross-entropy gradient dz = (a − y)/m (note 000's output-layer
+    # rule dZ = A − Y [000.2], with the mean's 1/count), at the positions that count.
+    dz = (jnp.asarray(g, a.dtype) / _count(mask)) * jnp.where(counted, a - y, 0)
+    dz = jnp.where(_label_in_range(labels, logits.shape[1]) | ~counted, dz, jnp.nan)
+    return dz.astype(logits.dtype), None, None  # integer labels, boolean mask: no cotangent
 
 
 _softmax_ce_int.defvjp(_softmax_ce_int_fwd, _softmax_ce_int_bwd)
 
 
-def _softmax_ce_probs_forward(logits, labels):
+def _softmax_ce_probs_forward(logits, labels, mask):
     zf, peak, log_sum = _log_softmax_parts(logits)
     logp = log_softmax_from_parts(zf, peak, log_sum)
-    loss = _mean_over_batch(-_acc(labels) * logp, _batch_size(logits), logits.dtype)
-    return loss, (peak, log_sum)
+    per_position = -jnp.sum(_acc(labels) * logp, axis=1)
+    loss = jnp.sum(jnp.where(mask, per_position, 0)) / _count(mask)
+    return loss.astype(logits.dtype), (peak, log_sum)
 
 
 @jax.custom_vjp
-def _softmax_ce_probs(logits, labels):
-    return _softmax_ce_probs_forward(logits, labels)[0]
+def _softmax_ce_probs(logits, labels, mask):
+    return _softmax_ce_probs_forward(logits, labels, mask)[0]
 
 
-def _softmax_ce_probs_fwd(logits, labels):
-    loss, (peak, log_sum) = _softmax_ce_probs_forward(logits, labels)
-    return loss, (logits, peak, log_sum, labels)
+def _softmax_ce_probs_fwd(logits, labels, mask):
+    loss, (peak, log_sum) = _softmax_ce_probs_forward(logits, labels, mask)
+    return loss, (logits, peak, log_sum, labels, mask)
 
 
 def _softmax_ce_probs_bwd(residuals, g):
-    logits, peak, log_sum, y = residuals
-    m = _batch_size(logits)
-    scale = g.astype(accumulation_dtype(logits.dtype)) / m
+    logits, peak, log_sum, y, mask = residuals
+    weight = jnp.where(mask, jnp.asarray(g, accumulation_dtype(logits.dtype)) / _count(mask),
+                       0)[:, None]
     logp = log_softmax_from_parts(_acc(logits), peak, log_sum)
     a = jnp.exp(logp)
-    # J = −(1/m) Σ y·log_softmax(z). With rows of y summing to s: dz = (s·a − y)/m, which is
-    # (a − y)/m for probability rows. dy = −log_softmax(z)/m.
-    dz = scale * (a * jnp.sum(_acc(y), axis=1, keepdims=True) - _acc(y))
-    dy = -scale * logp
-    return dz.astype(logits.dtype), dy.astype(y.dtype)
+    # J = −(1/count) Σ y·log_softmax(z). With rows of y summing to s: dz = (s·a − y)/count,
+    # which is (a − y)/count for probability rows. dy = −log_softmax(z)/count.
+    dz = weight * (a * jnp.sum(_acc(y), axis=1, keepdims=True) - _acc(y))
+    dy = -weight * logp
+    return dz.astype(logits.dtype), dy.astype(y.dtype), None
 
 
 _softmax_ce_probs.defvjp(_softmax_ce_probs_fwd, _softmax_ce_probs_bwd)
 
 
-def softmax_cross_entropy(logits, labels):
-    r"""Mean softmax cross-entropy :math:`J = -\frac1m \sum_i \sum_k y_{ik} \log a_{ik}`.
+def softmax_cross_entropy(logits, labels, mask=None):
+    r"""Mean softmax cross-entropy over positions,
+    :math:`J = -rac{1}{n}\sum_{p}\mathrm{mask}_p \sum_k y_{pk} \log a_{pk}`.
 
-    ``a = softmax(logits)`` along axis 1, by log-sum-exp (finite for logits of any size).
-    Backward, the fused rule of seeds 001/002: :math:`dz = (a - y)/m`; for probability
-    labels also :math:`dy = -\log a / m`. Integer labels get no cotangent (float0).
+    ``a = softmax(logits)`` along the last axis, by log-sum-exp (finite for logits of any
+    size); a position ``p`` is an index of every axis but the last (a batch row, or a
+    (batch, time) pair of a sequence); ``n`` is the number of positions that count
+    (``Σ mask``; every position without a mask — for ``(m, k)`` logits the mean over the
+    batch, as in the notes). Backward, the fused output-layer rule (note 000's
+    ``dZ = A − Y``): :math:`dz_p = \mathrm{mask}_p (a_p - y_p)/n`; for probability labels
+    also :math:`dy_p = -\mathrm{mask}_p \log a_p / n`. Integer labels and the mask get no
+    cotangent.
 
     Args:
-      logits: ``(m, k)`` floating.
-      labels: integer class indices ``(m,)`` in ``[0, k)``, or probability rows ``(m, k)``
-        (each row summing to 1; then both arguments are differentiable). An integer label
-        outside ``[0, k)`` makes the loss and the gradient NaN (values are not known at
-        trace time, so this cannot be a trace-time error).
+      logits: ``(..., k)`` floating.
+      labels: integer class indices ``(...)`` in ``[0, k)``, or probability rows ``(..., k)``
+        (each summing to 1; then both arguments are differentiable). An integer label outside
+        ``[0, k)`` at a position that counts makes the loss and the gradient NaN (values are
+        not known at trace time, so this cannot be a trace-time error); at a masked position
+        any label is ignored.
+      mask: optional boolean ``(...)``: True where the position counts (padding False). If
+        no position counts, the loss is 0 and every gradient zero.
 
     Returns:
       scalar loss, dtype of ``logits``.
@@ -154,20 +176,33 @@ def softmax_cross_entropy(logits, labels):
     op = "softmax_cross_entropy"
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     _checks.check_floating(op, "logits", logits)
-    _checks.check_rank(op, "logits", logits, 2, "(m, k)")
-    if jnp.issubdtype(labels.dtype, jnp.integer):
-        if labels.shape != logits.shape[:1]:
+    _checks.check_min_rank(op, "logits", logits, 1, "(..., k)")
+    positions = logits.shape[:-1]
+    if mask is None:
+        mask = jnp.ones(positions, bool)
+    else:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_ or mask.shape != positions:
             raise ValueError(
-                f"{op}: integer `labels` must have shape (m,) = ({logits.shape[0]},) to match "
-                f"logits {tuple(logits.shape)}, got {tuple(labels.shape)}."
+                f"{op}: `mask` must be boolean of shape {positions} (logits "
+                f"{tuple(logits.shape)} without the class axis), got {mask.dtype} "
+                f"{tuple(mask.shape)}.")
+    rows, k = math.prod(positions), logits.shape[-1]
+    z, mask = logits.reshape(rows, k), mask.reshape(rows)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        if labels.shape != positions:
+            raise ValueError(
+                f"{op}: integer `labels` must have shape {positions} to match logits "
+                f"{tuple(logits.shape)} (one class index per position), got "
+                f"{tuple(labels.shape)}."
             )
-        return _softmax_ce_int(logits, labels)
+        return _softmax_ce_int(z, labels.reshape(rows), mask)
     if jnp.issubdtype(labels.dtype, jnp.floating):
         _checks.check_same_shape(op, "logits", logits, "labels", labels)
-        return _softmax_ce_probs(logits, labels)
+        return _softmax_ce_probs(z, labels.reshape(rows, k), mask)
     raise TypeError(
-        f"{op}: `labels` must be integer class indices (m,) or floating probabilities (m, k), "
-        f"got dtype {labels.dtype} (shape {tuple(labels.shape)})."
+        f"{op}: `labels` must be integer class indices (...) or floating probabilities "
+        f"(..., k), got dtype {labels.dtype} (shape {tuple(labels.shape)})."
     )
 
 
@@ -191,7 +226,7 @@ def _binary_ce_fwd(probs, targets):
 
 def _binary_ce_bwd(residuals, g):
     p, y = residuals
-    scale = g.astype(accumulation_dtype(p.dtype)) / _batch_size(p)
+    scale = jnp.asarray(g, accumulation_dtype(p.dtype)) / _batch_size(p)
     pf, yf = _acc(p), _acc(y)
     # ∂L/∂p = −y/p + (1−y)/(1−p) (seed 002 eq. 1). Each term is taken as 0 where its factor
     # y (or 1−y) is 0, the same limit as the forward's 0·log 0 = 0.
@@ -255,7 +290,7 @@ def _sigmoid_bce_fwd(logits, targets):
 
 def _sigmoid_bce_bwd(residuals, g):
     z, y = residuals
-    scale = g.astype(accumulation_dtype(z.dtype)) / _batch_size(z)
+    scale = jnp.asarray(g, accumulation_dtype(z.dtype)) / _batch_size(z)
     # The fused gradient of seed 002: dz = (σ(z) − y)/m; and ∂/∂y of −z·y is −z.
     dz = scale * (_acc(_sigmoid(z)) - _acc(y))
     dy = -scale * _acc(z)
@@ -307,7 +342,7 @@ def _squared_error_fwd(pred, target):
 def _squared_error_bwd(residuals, g):
     pred, target = residuals
     # E = ½Σ(f − y)² ⇒ ∂E/∂f = f − y (seed 001, with the sign slip of the note corrected).
-    d = (g.astype(accumulation_dtype(pred.dtype)) / _batch_size(pred)) * (
+    d = (jnp.asarray(g, accumulation_dtype(pred.dtype)) / _batch_size(pred)) * (
         _acc(pred) - _acc(target)
     )
     return d.astype(pred.dtype), (-d).astype(target.dtype)
