@@ -10,12 +10,14 @@ from handgrad import reference as reference
 from handgrad.check import CheckResult as CheckResult
 from handgrad.check import check_vjp as check_vjp
 from handgrad.ops import BatchNormStats as BatchNormStats
+from handgrad.ops import attention as attention
 from handgrad.ops import avg_pool2d as avg_pool2d
 from handgrad.ops import batch_norm as batch_norm
 from handgrad.ops import binary_cross_entropy as binary_cross_entropy
 from handgrad.ops import conv2d as conv2d
 from handgrad.ops import dense as dense
 from handgrad.ops import dropout as dropout
+from handgrad.ops import flash_attention as flash_attention
 from handgrad.ops import flatten as flatten
 from handgrad.ops import layer_norm as layer_norm
 from handgrad.ops import leaky_relu as leaky_relu

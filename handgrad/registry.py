@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from handgrad import ops, reference
 
@@ -665,5 +666,144 @@ register(OpSpec(
         BadInput("int", lambda: (jnp.zeros((4, 3), jnp.int32),), TypeError,
                  r"dropout: `x` must have a floating dtype, got int32",
                  {"rate": 0.5, "key": jax.random.PRNGKey(0)}),
+    ),
+))
+
+
+# --- attention -------------------------------------------------------------------------------
+
+
+def _attention_mask(seed, shape, empty_row=None):
+    """A random boolean mask, True = may attend, with at least one allowed key per query row
+    except ``empty_row`` (an index into the leading axes and the query axis), which may attend
+    to nothing: its output and its gradients must be exactly zero, on both sides of the check."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random(shape) < 0.6
+    one_key = rng.integers(0, shape[-1], shape[:-1])
+    mask |= np.arange(shape[-1]) == one_key[..., None]
+    if empty_row is not None:
+        mask[empty_row] = False
+    return mask
+
+
+def _attention_case(n, h, tq, tk, d, dv, mask=None, **kwargs):
+    def make(key, dtype):
+        kq, kk, kv = _keys(key, 3)
+        return (normal(kq, (n, h, tq, d), dtype, 1.5), normal(kk, (n, h, tk, d), dtype),
+                normal(kv, (n, h, tk, dv), dtype))
+
+    config = "".join(f"-{k}={v}" for k, v in kwargs.items())
+    if mask is not None:
+        kwargs["mask"] = mask
+        config += f"-mask{mask.shape}"
+    name = f"q{(n, h, tq, d)}-k{(n, h, tk, d)}-v{(n, h, tk, dv)}{config}".replace(" ", "")
+    return Case(name, make, kwargs)
+
+
+def _random_attention_case(flash):
+    def draw_case(draw: DrawInt) -> Case:
+        n, h, d, dv = draw(1, 2), draw(1, 3), draw(1, 5), draw(1, 5)
+        causal = draw(0, 2) == 0
+        tq = draw(1, 9)
+        tk = tq if causal else draw(1, 9)
+        kwargs = {"causal": causal}
+        if flash:
+            kwargs.update(block_q=draw(1, 4), block_k=draw(1, 4))
+        elif draw(0, 1):
+            kwargs["mask"] = _attention_mask(draw(0, 2**31 - 1), (n, 1, tq, tk),
+                                             empty_row=(0, 0, draw(0, tq - 1)))
+        return _attention_case(n, h, tq, tk, d, dv, **kwargs)
+
+    return draw_case
+
+
+def _qkv(q_shape, k_shape=None, v_shape=None, dtypes=(jnp.float32,) * 3):
+    """Zero q, k, v of these shapes (k and v default to q's) and dtypes: for bad inputs."""
+    shapes = (q_shape, k_shape or q_shape, v_shape or k_shape or q_shape)
+    return tuple(jnp.zeros(s, t) for s, t in zip(shapes, dtypes))
+
+
+def _attention_bad_inputs(name):
+    return (
+        BadInput("q-rank", lambda: _qkv((2, 5, 4), (1, 2, 5, 4), (1, 2, 5, 4)), ValueError,
+                 rf"{name}: `q` must have rank 4 \(N, H, Tq, d\), got shape \(2, 5, 4\)"),
+        BadInput("k-features", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 3), (1, 2, 6, 3)),
+                 ValueError, rf"{name}: `k` must have shape \(N, H, Tk, d\) with \(N, H, d\) = "
+                 r"\(1, 2, 4\) from q \(1, 2, 5, 4\), got \(1, 2, 6, 3\)"),
+        BadInput("v-length", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 5, 4)), ValueError,
+                 rf"{name}: `v` must have shape \(N, H, Tk, dv\) with \(N, H, Tk\) = "
+                 r"\(1, 2, 6\) from k \(1, 2, 6, 4\), got \(1, 2, 5, 4\)"),
+        BadInput("int-q", lambda: _qkv((1, 1, 2, 2), dtypes=(jnp.int32, jnp.float32, jnp.float32)),
+                 TypeError, rf"{name}: `q` must have a floating dtype, got int32"),
+        BadInput("dtypes", lambda: _qkv((1, 1, 2, 2), dtypes=(jnp.float32, jnp.float16,
+                                                              jnp.float32)),
+                 TypeError, rf"{name}: `q`, `k` and `v` must have the same dtype, got float32, "
+                 "float16 and float32"),
+        BadInput("causal-lengths", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 4)),
+                 ValueError, rf"{name}: `causal=True` needs as many queries as keys .* got "
+                 r"Tq = 5 and Tk = 6", {"causal": True}),
+        BadInput("scale-array", lambda: _qkv((1, 1, 2, 2)), TypeError,
+                 rf"{name}: `scale` must be a Python number", {"scale": np.ones(1)}),
+    )
+
+
+register(OpSpec(
+    name="attention",
+    family="attention",
+    op=ops.attention,
+    reference=reference.attention,
+    argnames=("q", "k", "v"),
+    cases=(
+        # Tq ≠ Tk, dv ≠ d, a per-batch mask shared by the heads; query 1 of batch 0 may attend
+        # to no key: zero output and zero gradients on both sides (never NaN = NaN).
+        _attention_case(2, 2, 5, 6, 4, 3, mask=_attention_mask(1, (2, 1, 5, 6), (0, 0, 1))),
+        _attention_case(1, 3, 7, 7, 4, 5, causal=True),  # batch 1, causal
+        _attention_case(1, 1, 3, 4, 2, 3),  # small enough for a full Hessian
+        _attention_case(1, 1, 1, 1, 4, 2),  # T = 1: P = 1, O = V
+        # causal and a (Tq, Tk) mask combined, with a row the mask leaves with no key (row 0:
+        # causal leaves it key 0 only, which the mask forbids), and an explicit scale
+        _attention_case(2, 2, 6, 6, 3, 3, mask=_attention_mask(2, (6, 6), (0,)), causal=True,
+                        scale=0.7),
+        _attention_case(2, 2, 4, 9, 5, 2),  # more keys than queries, no mask
+    ),
+    random_case=_random_attention_case(flash=False),
+    derivation="§11.2",
+    formula="dV = Pᵀ·g;  dS = P ⊙ (g·Vᵀ − rowsum(g ⊙ O));  dQ = scale·dS·K;  dK = scale·dSᵀ·Q",
+    bad_inputs=(
+        *_attention_bad_inputs("attention"),
+        BadInput("mask-dtype", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 4)), TypeError,
+                 r"attention: `mask` must be boolean \(True = may attend\), got float32",
+                 {"mask": np.ones((5, 6), np.float32)}),
+        BadInput("mask-shape", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 4)),
+                 ValueError, r"attention: `mask` must broadcast to \(N, H, Tq, Tk\) = "
+                 r"\(1, 2, 5, 6\), got shape \(3, 6\)", {"mask": np.ones((3, 6), bool)}),
+    ),
+))
+
+register(OpSpec(
+    name="flash_attention",
+    family="attention",
+    op=ops.flash_attention,
+    reference=reference.flash_attention,
+    argnames=("q", "k", "v"),
+    cases=(
+        # Small blocks, so that several tiles, padded tails and the causal skip are exercised.
+        _attention_case(2, 2, 7, 9, 4, 3, block_q=3, block_k=4),  # Tq ≠ Tk, dv ≠ d, both padded
+        _attention_case(1, 3, 10, 10, 4, 5, causal=True, block_q=4, block_k=3),
+        _attention_case(1, 1, 3, 5, 2, 3, block_q=2, block_k=2),  # small enough for a Hessian
+        _attention_case(1, 1, 1, 1, 4, 2),  # T = 1, the default blocks
+        _attention_case(2, 2, 9, 9, 3, 3, causal=True, scale=0.7, block_q=3, block_k=3),
+        _attention_case(2, 1, 6, 6, 4, 4, causal=True),  # default blocks: one tile
+        _attention_case(1, 2, 8, 5, 3, 2, block_q=8, block_k=1),  # one key per tile
+    ),
+    random_case=_random_attention_case(flash=True),
+    derivation="§11.4",
+    formula="per tile P = exp(S − L): dV_j += Pᵀ·g_i;  dS = P ⊙ (g_i·V_jᵀ − D_i);  "
+            "dQ_i += scale·dS·K_j;  dK_j += scale·dSᵀ·Q_i",
+    bad_inputs=(
+        *_attention_bad_inputs("flash_attention"),
+        BadInput("block-zero", lambda: _qkv((1, 2, 5, 4)), ValueError,
+                 r"flash_attention: `block_q` must be a positive int or None, got 0",
+                 {"block_q": 0}),
     ),
 ))

@@ -29,7 +29,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "derivations.md"
 RTOL = 1e-9
 ATOL = 1e-12
 HESSIAN_MAX_SIZE = 64  # the Hessian is size²: larger arguments get hvp only
-FAMILIES = ("dense", "activations", "losses", "conv", "pooling", "norm", "dropout")
+FAMILIES = ("dense", "activations", "losses", "conv", "pooling", "norm", "dropout", "attention")
 SPECS = registry.specs()
 
 

@@ -1,7 +1,7 @@
 """The ops: each a ``jax.custom_vjp`` whose backward is the textbook formula, written out.
 
 One module per family: `_dense`, `_activations`, `_losses`, `_conv`,
-`_pooling`, `_norm`, `_dropout`.
+`_pooling`, `_norm`, `_dropout`, `_attention` (its block loops in `_flash`).
 """
 
 from handgrad.ops._activations import leaky_relu as leaky_relu
@@ -10,6 +10,8 @@ from handgrad.ops._activations import relu as relu
 from handgrad.ops._activations import sigmoid as sigmoid
 from handgrad.ops._activations import softmax as softmax
 from handgrad.ops._activations import tanh as tanh
+from handgrad.ops._attention import attention as attention
+from handgrad.ops._attention import flash_attention as flash_attention
 from handgrad.ops._conv import conv2d as conv2d
 from handgrad.ops._dense import dense as dense
 from handgrad.ops._dense import flatten as flatten
@@ -43,4 +45,6 @@ OP_NAMES = (
     "batch_norm",
     "layer_norm",
     "dropout",
+    "attention",
+    "flash_attention",
 )
