@@ -477,3 +477,108 @@ def _loss(quick: bool) -> list:
     return [Workload("softmax_ce", "loss",
                      f"softmax_cross_entropy, int labels: ∇ w.r.t. logits {(m, k)}",
                      f"logits {(m, k)}", build)]
+
+
+# --- recurrent layers ----------------------------------------------------------------------------
+
+T_RECURRENT = Target("recurrent", "LSTM and GRU gradient (N=32, T=64, D=H=128)",
+                     "hand/autodiff", "<=", 0.7)
+T_RECURRENT_MEMORY = Target("recurrent_memory", "LSTM and GRU residual memory",
+                            "hand/autodiff", "<=", 1.0)
+
+
+def _recurrent_inputs(kind: str, n: int, t: int, d: int) -> Callable[[], tuple]:
+    gates = {"lstm": 4, "gru": 3}[kind]
+    shapes = [(n, t, d), (n, d), (gates * d, d), (gates * d, d), (gates * d,)]
+    if kind == "lstm":
+        shapes.insert(2, (n, d))  # c0
+    else:
+        shapes.append((gates * d,))  # b_h
+
+    def make():
+        scales = {0: 1.0, 1: 0.5, 2: 0.5}  # x, h0 (, c0): unit-ish; weights and biases small
+        return tuple(normal(40 + i, shape, scales.get(i, 0.08)) for i, shape in enumerate(shapes))
+
+    return make
+
+
+def _recurrent(ops, kind, *args):
+    return ops.lstm(*args)[0] if kind == "lstm" else ops.gru(*args)
+
+
+@family("recurrent", {"recurrent": "Recurrent layers: VJP w.r.t. every input (backpropagation "
+                                   "through time) given a random cotangent of the hidden states"})
+def _recurrent_family(quick: bool) -> list:
+    n, t, d = (2, 8, 16) if quick else (32, 64, 128)
+    out = []
+    for kind in ("lstm", "gru"):
+        def f(ops, *args, kind=kind):
+            return _recurrent(ops, kind, *args)
+
+        make = _recurrent_inputs(kind, n, t, d)
+        out += [
+            vjp_workload(kind, "recurrent", f"{kind} N={n} T={t} D=H={d}: VJP w.r.t. x, h0, "
+                         "weights and biases", f, make, target=T_RECURRENT,
+                         torch=getattr(tb, f"{kind}_vjp", None)),
+            memory_workload(f"memory-{kind}", f"{kind} N={n} T={t} D=H={d}",
+                            lambda ops, x, *rest, f=f: f(ops, x, *rest), make,
+                            target=T_RECURRENT_MEMORY),
+        ]
+    return out
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+T_ATTENTION = Target("attention", "textbook attention gradient, causal (2, 4, 1024, 64)",
+                     "hand/autodiff", "<=", 1.0)
+T_FLASH = Target("flash", "flash attention gradient vs autodiff of the textbook, causal "
+                 "(1, 4, 2048, 64)", "hand/autodiff", "<=", 1.0)
+T_FLASH_MEMORY = Target("flash_memory", "flash attention gradient: compiled temporary memory "
+                        "vs autodiff's, (1, 4, 2048, 64)", "hand/autodiff", "<=", 0.125)
+ATTENTION_SWEEP = (512, 1024, 2048, 4096, 8192)
+
+
+def _attention_inputs(shape) -> Callable[[], tuple]:
+    return lambda: normal_args([shape] * 3, seed=50)
+
+
+def _attention(ops, q, k, v):
+    return ops.attention(q, k, v, causal=True)
+
+
+def _flash(ops, q, k, v):
+    # hand: handgrad.flash_attention; autodiff: the reference, i.e. the textbook formula
+    return ops.flash_attention(q, k, v, causal=True)
+
+
+def _stacked(f):
+    """``f`` of one stacked (3, N, H, T, d) array: the gradient w.r.t. q, k and v at once."""
+    return lambda ops, qkv: f(ops, qkv[0], qkv[1], qkv[2])
+
+
+@family("attention", {
+    "attention": "Attention (causal): VJP w.r.t. q, k, v given a random cotangent",
+    "attention-memory": "Attention memory sweep: the jitted gradient's temporary bytes "
+                        "(memory_analysis) as T grows, flash vs autodiff of the textbook"})
+def _attention_family(quick: bool) -> list:
+    textbook, flash = ((1, 2, 64, 16), (1, 2, 128, 16)) if quick else ((2, 4, 1024, 64),
+                                                                        (1, 4, 2048, 64))
+    sweep = (64, 128) if quick else ATTENTION_SWEEP
+    out = [
+        vjp_workload("attention", "attention", f"attention, causal, {textbook}", _attention,
+                     _attention_inputs(textbook), target=T_ATTENTION,
+                     torch=getattr(tb, "attention_vjp", None)),
+        vjp_workload("flash_attention", "attention",
+                     f"flash_attention vs autodiff of the textbook, causal, {flash}", _flash,
+                     _attention_inputs(flash), target=T_FLASH),
+        memory_workload("memory-flash", f"flash_attention gradient, causal, {flash}",
+                        _stacked(_flash), lambda: (normal(51, (3, *flash)),),
+                        target=T_FLASH_MEMORY, quantity="temp_bytes"),
+    ]
+    for t in sweep:
+        shape = (1, 4, t, 16 if quick else 64)
+        out.append(memory_workload(
+            f"memory-flash-T{t}", f"flash_attention gradient, causal, {shape}",
+            _stacked(_flash), lambda shape=shape: (normal(52, (3, *shape)),),
+            quantity="temp_bytes"))
+    return out

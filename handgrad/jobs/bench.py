@@ -160,6 +160,11 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, command: s
         args.docs.parent.mkdir(parents=True, exist_ok=True)
         args.docs.write_text(markdown)
         written.append(args.docs)
+    from handgrad.bench import report
+
+    for directory in {args.out, *([] if args.docs is None else [args.docs.parent])}:
+        if report.plot_attention_sweep(results, directory / report.SWEEP_PLOT):
+            written.append(directory / report.SWEEP_PLOT)
     bench.print_report(results)
     print(f"\nwrote {', '.join(map(str, written))} ({results['run']['wall_seconds']:.0f} s)")
     return 0
