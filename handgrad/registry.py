@@ -797,7 +797,7 @@ register(OpSpec(
         _attention_case(1, 2, 8, 5, 3, 2, block_q=8, block_k=1),  # one key per tile
     ),
     random_case=_random_attention_case(flash=True),
-    derivation="§11.4",
+    derivation="§11.3",
     formula="per tile P = exp(S − L): dV_j += Pᵀ·g_i;  dS = P ⊙ (g_i·V_jᵀ − D_i);  "
             "dQ_i += scale·dS·K_j;  dK_j += scale·dSᵀ·Q_i",
     bad_inputs=(
