@@ -115,6 +115,15 @@ def test_missing_transpose_is_caught_on_values_with_square_weights(bwd):
     assert not _failed(result, f"vjp arg {1 - wrong_arg}"), str(result)
 
 
+def test_default_cotangent_is_not_the_users_default_rng_0_draw():
+    # Inputs drawn with np.random.default_rng(0), the most common seed, and a cotangent of the
+    # same shape: were the cotangent that same draw, gᵀx would equal xᵀg and hide dW = xᵀg.
+    x, w = _normal(0, (3, 2)), _normal(1, (2, 2))
+    result = hg.check_vjp(_dense_with(lambda res, g: (g @ res[1], res[0].T @ g)),
+                          hg.reference.dense, x, w)
+    assert _failed(result, "vjp arg 1 vs autodiff"), str(result)
+
+
 def test_bias_gradient_averaged_instead_of_summed_is_caught():
     # db = mean over rows: the 1/m applied a second time (the loss's cotangent already has it).
     @jax.custom_vjp
