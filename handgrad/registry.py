@@ -92,6 +92,14 @@ def away_from_zero(key, shape, dtype, low=0.1, high=2.0):
     return (sign * jax.random.uniform(k_mag, shape, minval=low, maxval=high)).astype(dtype)
 
 
+def some_positive(key, shape, dtype):
+    """``away_from_zero`` with the first entry positive: for relu, an all-negative draw (one
+    element in two for a 1×1 input) makes the output and the gradient identically zero, and
+    the check vacuous."""
+    x = away_from_zero(key, shape, dtype)
+    return x.at[(0,) * len(shape)].set(jnp.abs(x[(0,) * len(shape)]))
+
+
 def distinct(key, shape, dtype, spread=4.0):
     """A random permutation of evenly spaced values: every entry differs from every other by
     at least spread/size, so an argmax is unique and stays put under a finite-difference step."""
@@ -208,7 +216,7 @@ def _elementwise_case(shape, sampler=normal, **kwargs):
 
 
 def _register_elementwise(name, op, ref, formula, derivation, sampler=normal, kwargs=None,
-                          random_kwargs=None, extra_cases=()):
+                          random_kwargs=None, extra_cases=(), batch_one=(1, 1), min_last=1):
     kwargs = kwargs or {}
     register(OpSpec(
         name=name,
@@ -218,13 +226,13 @@ def _register_elementwise(name, op, ref, formula, derivation, sampler=normal, kw
         argnames=("z",),
         cases=(
             _elementwise_case((4, 5), sampler, **kwargs),
-            _elementwise_case((1, 1), sampler, **kwargs),
+            _elementwise_case(batch_one, sampler, **kwargs),
             _elementwise_case((3, 7, 2), sampler, **kwargs),
             _elementwise_case((6,), sampler, **kwargs),
             *extra_cases,
         ),
         random_case=lambda draw: _elementwise_case(
-            tuple(draw(1, 6) for _ in range(draw(1, 3))), sampler,
+            (*(draw(1, 6) for _ in range(draw(0, 2))), draw(min_last, 6)), sampler,
             **(random_kwargs(draw) if random_kwargs else kwargs),
         ),
         derivation=derivation,
@@ -245,19 +253,21 @@ _register_elementwise("sigmoid", ops.sigmoid, reference.sigmoid,
                       "dz = g ⊙ a ⊙ (1 − a)", "§2.1", normal)
 _register_elementwise("tanh", ops.tanh, reference.tanh, "dz = g ⊙ (1 − a²)", "§2.2", normal)
 _register_elementwise("relu", ops.relu, reference.relu,
-                      "dz = g ⊙ [z ≥ 0]  (1 at z = 0)", "§2.3", away_from_zero)
+                      "dz = g ⊙ [z ≥ 0]  (1 at z = 0)", "§2.3", some_positive)
 _register_elementwise("leaky_relu", ops.leaky_relu, reference.leaky_relu,
                       "dz = g where z ≥ 0, slope·g elsewhere", "§2.3", away_from_zero,
                       kwargs={"negative_slope": 0.1},
                       random_kwargs=lambda draw: {"negative_slope": draw(0, 30) / 100})
+# Over one class softmax is 1 and log_softmax 0 whatever z is: an identically zero gradient
+# proves nothing, so batch 1 has several classes and drawn cases at least two.
 _register_elementwise("softmax", ops.softmax, reference.softmax,
                       "dz = a ⊙ (g − ⟨g, a⟩)", "§2.4", normal, kwargs={"axis": -1},
-                      random_kwargs=lambda draw: {"axis": -1},
+                      random_kwargs=lambda draw: {"axis": -1}, batch_one=(1, 4), min_last=2,
                       # a non-last class axis too (NCHW segmentation logits, say)
                       extra_cases=(_elementwise_case((3, 4, 5), normal, axis=1),))
 _register_elementwise("log_softmax", ops.log_softmax, reference.log_softmax,
                       "dz = g − softmax(z)·Σg", "§2.5", normal, kwargs={"axis": -1},
-                      random_kwargs=lambda draw: {"axis": -1})
+                      random_kwargs=lambda draw: {"axis": -1}, batch_one=(1, 4), min_last=2)
 
 
 
@@ -593,9 +603,11 @@ register(OpSpec(
         _norm_case((6, 3), 1, eps=1e-3),
         _norm_case((5, 4), 1, training=False, **_eval_stats(4)),
     ),
+    # Statistics over at least 3 entries: over one x̂ = 0, and dx and dγ are identically zero;
+    # over two x̂ = ±1 whatever x is, and dx is of the order of eps.
     random_case=lambda draw: _norm_case(
-        (draw(2, 6), draw(1, 5)) if draw(0, 1) else (draw(1, 3), draw(1, 4), draw(1, 4),
-                                                     draw(1, 4)), 1),
+        (draw(3, 6), draw(1, 5)) if draw(0, 1) else (draw(1, 3), draw(1, 4), draw(1, 4),
+                                                     draw(3, 4)), 1),
     derivation="§8.1",
     formula="dx = (γ/mσ)(m·g − Σg − x̂·Σg·x̂);  dγ = Σ g·x̂;  dβ = Σ g",
     bad_inputs=(
@@ -628,8 +640,10 @@ register(OpSpec(
     reference=reference.layer_norm,
     argnames=("x", "gamma", "beta"),
     cases=(_layer_norm_case((4, 6)), _layer_norm_case((1, 3)), _layer_norm_case((2, 3, 5))),
+    # At least 3 features: over two x̂ = ±1 whatever x is, and dx is of the order of eps
+    # (drawn F = 2 passed on the absolute tolerances alone).
     random_case=lambda draw: _layer_norm_case(
-        (*tuple(draw(1, 4) for _ in range(draw(1, 2))), draw(2, 7))),
+        (*tuple(draw(1, 4) for _ in range(draw(1, 2))), draw(3, 7))),
     derivation="§8.2",
     formula="ĝ = γ⊙g;  dx = (1/Fσ)(F·ĝ − Σĝ − x̂·Σĝ·x̂);  dγ = Σ g·x̂;  dβ = Σ g",
     bad_inputs=(
@@ -647,16 +661,25 @@ def _dropout_case(shape, rate, seed):
                 {"rate": rate, "key": jax.random.PRNGKey(seed)})
 
 
+def _random_dropout_case(shape, rate, seed):
+    """A mask that drops every entry makes the output and the gradient zero, whatever the
+    backward does: the next seed, until one keeps something."""
+    while not reference.dropout(jnp.ones(shape), rate, jax.random.PRNGKey(seed)).any():
+        seed += 1
+    return _dropout_case(shape, rate, seed)
+
+
 register(OpSpec(
     name="dropout",
     family="dropout",
     op=ops.dropout,
     reference=reference.dropout,
     argnames=("x",),
+    # rate 0.9 on 48 entries: key 5 keeps 11 (on 12 entries key 4 kept none: nothing checked)
     cases=(_dropout_case((6, 7), 0.3, 1), _dropout_case((2, 3, 4, 4), 0.5, 2),
-           _dropout_case((1, 5), 0.0, 3), _dropout_case((3, 4), 0.9, 4)),
-    random_case=lambda draw: _dropout_case((draw(1, 6), draw(1, 6)), draw(0, 9) / 10,
-                                           draw(0, 1000)),
+           _dropout_case((1, 5), 0.0, 3), _dropout_case((6, 8), 0.9, 5)),
+    random_case=lambda draw: _random_dropout_case((draw(1, 6), draw(1, 6)), draw(0, 9) / 10,
+                                                  draw(0, 1000)),
     derivation="§8.3",
     formula="dx = g ⊙ M/(1 − p), the mask M drawn again from the key",
     bad_inputs=(
