@@ -206,3 +206,138 @@ def flash_attention(q, k, v, *, causal=False, scale=None, block_q=None, block_k=
     _attention_checks.block_size("flash_attention", "block_q", block_q)
     _attention_checks.block_size("flash_attention", "block_k", block_k)
     return attention(q, k, v, causal=causal, scale=scale)
+# --- sequence models: embedding and the recurrent layers --------------------------------------
+# Written with no help from handgrad.ops: the step formula as the notes state it, and lax.scan
+# over it for the sequence, which jax.grad differentiates through (BPTT by autodiff).
+
+
+def _sequence_dtypes(*arrays):
+    """(accumulation dtype, output dtype): 16-bit inputs run in float32, rounded at the end."""
+    out = jnp.result_type(*arrays)
+    return jnp.promote_types(out, jnp.float32), out
+
+
+def embedding(ids, table):
+    ids, table = jnp.asarray(ids), jnp.asarray(table)
+    vocab = table.shape[0]
+    rows = table[jnp.clip(ids, 0, vocab - 1)]
+    valid = (ids >= 0) & (ids < vocab)
+    return jnp.where(valid[..., None], rows, jnp.nan)  # out-of-range ids: NaN rows
+
+
+def _rnn_cell(x_t, h_prev, w_x, w_h, b):
+    return jnp.tanh(x_t @ w_x.T + h_prev @ w_h.T + b[None])
+
+
+def _lstm_cell(x_t, h_prev, c_prev, w_x, w_h, b):
+    z = x_t @ w_x.T + h_prev @ w_h.T + b[None]
+    hidden = h_prev.shape[-1]
+    i = jax.nn.sigmoid(z[:, :hidden])
+    f = jax.nn.sigmoid(z[:, hidden:2 * hidden])
+    g = jnp.tanh(z[:, 2 * hidden:3 * hidden])
+    o = jax.nn.sigmoid(z[:, 3 * hidden:])
+    c = f * c_prev + i * g
+    return o * jnp.tanh(c), c
+
+
+def _gru_cell(x_t, h_prev, w_x, w_h, b_x, b_h):
+    zx = x_t @ w_x.T + b_x[None]
+    zh = h_prev @ w_h.T + b_h[None]
+    hidden = h_prev.shape[-1]
+    r = jax.nn.sigmoid(zx[:, :hidden] + zh[:, :hidden])
+    z = jax.nn.sigmoid(zx[:, hidden:2 * hidden] + zh[:, hidden:2 * hidden])
+    n = jnp.tanh(zx[:, 2 * hidden:] + r * zh[:, 2 * hidden:])
+    return (1 - z) * n + z * h_prev
+
+
+def rnn_step(x, h_prev, w_x, w_h, b):
+    acc, out = _sequence_dtypes(x, h_prev, w_x, w_h, b)
+    args = (jnp.asarray(a).astype(acc) for a in (x, h_prev, w_x, w_h, b))
+    return _rnn_cell(*args).astype(out)
+
+
+def lstm_step(x, h_prev, c_prev, w_x, w_h, b):
+    acc, out = _sequence_dtypes(x, h_prev, c_prev, w_x, w_h, b)
+    h, c = _lstm_cell(*(jnp.asarray(a).astype(acc) for a in (x, h_prev, c_prev, w_x, w_h, b)))
+    return h.astype(out), c.astype(out)
+
+
+def gru_step(x, h_prev, w_x, w_h, b_x, b_h):
+    acc, out = _sequence_dtypes(x, h_prev, w_x, w_h, b_x, b_h)
+    args = (jnp.asarray(a).astype(acc) for a in (x, h_prev, w_x, w_h, b_x, b_h))
+    return _gru_cell(*args).astype(out)
+
+
+def rnn(x, h0, w_x, w_h, b):
+    acc, out = _sequence_dtypes(x, h0, w_x, w_h, b)
+    x, h0, w_x, w_h, b = (jnp.asarray(a).astype(acc) for a in (x, h0, w_x, w_h, b))
+
+    def step(h, x_t):
+        h = _rnn_cell(x_t, h, w_x, w_h, b)
+        return h, h
+
+    _, hs = jax.lax.scan(step, h0, jnp.swapaxes(x, 0, 1))
+    return jnp.swapaxes(hs, 0, 1).astype(out)
+
+
+def lstm(x, h0, c0, w_x, w_h, b):
+    acc, out = _sequence_dtypes(x, h0, c0, w_x, w_h, b)
+    x, h0, c0, w_x, w_h, b = (jnp.asarray(a).astype(acc) for a in (x, h0, c0, w_x, w_h, b))
+
+    def step(state, x_t):
+        h, c = _lstm_cell(x_t, *state, w_x, w_h, b)
+        return (h, c), h
+
+    (h, c), hs = jax.lax.scan(step, (h0, c0), jnp.swapaxes(x, 0, 1))
+    return jnp.swapaxes(hs, 0, 1).astype(out), (h.astype(out), c.astype(out))
+
+
+def gru(x, h0, w_x, w_h, b_x, b_h):
+    acc, out = _sequence_dtypes(x, h0, w_x, w_h, b_x, b_h)
+    x, h0, w_x, w_h, b_x, b_h = (jnp.asarray(a).astype(acc) for a in (x, h0, w_x, w_h, b_x, b_h))
+
+    def step(h, x_t):
+        h = _gru_cell(x_t, h, w_x, w_h, b_x, b_h)
+        return h, h
+
+    _, hs = jax.lax.scan(step, h0, jnp.swapaxes(x, 0, 1))
+    return jnp.swapaxes(hs, 0, 1).astype(out)
+
+
+# --- GELU, SiLU, RMSNorm, group norm ---------------------------------------------------------
+
+
+def gelu(x, approximate=False):
+    x = jnp.asarray(x)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if approximate:
+        y = 0.5 * xf * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (xf + 0.044715 * xf**3)))
+    else:
+        y = 0.5 * xf * jax.scipy.special.erfc(-xf / jnp.sqrt(2.0))  # x·Φ(x)
+    return y.astype(x.dtype)
+
+
+def silu(x):
+    x = jnp.asarray(x)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (xf * jax.nn.sigmoid(xf)).astype(x.dtype)
+
+
+def rms_norm(x, gamma, eps=1e-6):
+    x, gamma = jnp.asarray(x), jnp.asarray(gamma)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    rms = jnp.sqrt(jnp.mean(xf**2, axis=-1, keepdims=True) + eps)
+    return (gamma.reshape((1,) * (x.ndim - 1) + gamma.shape) * xf / rms).astype(x.dtype)
+
+
+def group_norm(x, num_groups, gamma, beta, eps=1e-5):
+    x, gamma, beta = jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)
+    n, c = x.shape[:2]
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    grouped = xf.reshape(n, num_groups, c // num_groups, *x.shape[2:])
+    axes = tuple(range(2, grouped.ndim))
+    mu = jnp.mean(grouped, axis=axes, keepdims=True)
+    var = jnp.mean((grouped - mu) ** 2, axis=axes, keepdims=True)
+    x_hat = ((grouped - mu) / jnp.sqrt(var + eps)).reshape(x.shape)
+    channel = (1, c) + (1,) * (x.ndim - 2)
+    return (gamma.reshape(channel) * x_hat + beta.reshape(channel)).astype(x.dtype)

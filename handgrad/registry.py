@@ -837,3 +837,356 @@ register(OpSpec(
                  {"block_q": 0}),
     ),
 ))
+# --- GELU and SiLU ---------------------------------------------------------------------------
+
+
+def _wide_normal(key, shape, dtype):
+    return normal(key, shape, dtype, 2.0)  # both tails and the bend near 0
+
+
+def _smooth_gate_bad_inputs(name):
+    return (BadInput("int", lambda: (jnp.arange(4, dtype=jnp.int32),), TypeError,
+                     rf"{name}: `x` must have a floating dtype, got int32"),)
+
+
+register(OpSpec(
+    name="gelu",
+    family="activations",
+    op=ops.gelu,
+    reference=reference.gelu,
+    argnames=("x",),
+    cases=(
+        _elementwise_case((4, 5), _wide_normal),
+        _elementwise_case((1, 1), _wide_normal, approximate=True),
+        _elementwise_case((3, 7, 2), _wide_normal, approximate=True),
+        _elementwise_case((9,), _wide_normal, approximate=False),
+    ),
+    random_case=lambda draw: _elementwise_case(
+        tuple(draw(1, 6) for _ in range(draw(1, 3))), _wide_normal,
+        approximate=draw(0, 1) == 1),
+    derivation="§2.6",
+    formula="dx = g ⊙ (Φ(x) + x·φ(x));  tanh form: g ⊙ (½(1 + tanh u) + ½x(1 − tanh²u)·u′)",
+    bad_inputs=(
+        *_smooth_gate_bad_inputs("gelu"),
+        BadInput("approximate", lambda: (_zeros(2, 3),), TypeError,
+                 r"gelu: `approximate` must be a bool, got 'tanh'", {"approximate": "tanh"}),
+    ),
+))
+
+register(OpSpec(
+    name="silu",
+    family="activations",
+    op=ops.silu,
+    reference=reference.silu,
+    argnames=("x",),
+    cases=(_elementwise_case((4, 5), _wide_normal), _elementwise_case((1, 1), _wide_normal),
+           _elementwise_case((3, 7, 2), _wide_normal)),
+    random_case=lambda draw: _elementwise_case(
+        tuple(draw(1, 6) for _ in range(draw(1, 3))), _wide_normal),
+    derivation="§2.7",
+    formula="dx = g ⊙ σ(x)(1 + x(1 − σ(x)))",
+    bad_inputs=_smooth_gate_bad_inputs("silu"),
+))
+
+
+# --- RMSNorm and group norm ------------------------------------------------------------------
+
+
+def _rms_norm_case(x_shape, **kwargs):
+    def make(key, dtype):
+        kx, kg = _keys(key, 2)
+        return normal(kx, x_shape, dtype, 2.0) + 0.5, 1 + normal(kg, x_shape[-1:], dtype, 0.3)
+
+    config = "".join(f"-{k}={v}" for k, v in kwargs.items())
+    return Case(f"x{x_shape}{config}".replace(" ", ""), make, kwargs)
+
+
+register(OpSpec(
+    name="rms_norm",
+    family="norm",
+    op=ops.rms_norm,
+    reference=reference.rms_norm,
+    argnames=("x", "gamma"),
+    cases=(_rms_norm_case((4, 6)), _rms_norm_case((1, 3)), _rms_norm_case((2, 3, 5)),
+           _rms_norm_case((7,)), _rms_norm_case((3, 2), eps=0.5)),
+    random_case=lambda draw: _rms_norm_case(
+        (*tuple(draw(1, 4) for _ in range(draw(0, 2))), draw(2, 7))),
+    derivation="§8.4",
+    formula="ĝ = γ⊙g;  dx = (ĝ − x̂·mean(ĝ·x̂))/rms;  dγ = Σ g·x̂",
+    bad_inputs=(
+        BadInput("gamma-shape", lambda: (_zeros(4, 3), _zeros(4)), ValueError,
+                 r"rms_norm: `gamma` must have shape \(x.shape\[-1\],\) = \(3,\) for x \(4, 3\), "
+                 r"got \(4,\)"),
+        BadInput("int", lambda: (jnp.zeros((4, 3), jnp.int32), _zeros(3)), TypeError,
+                 r"rms_norm: `x` must have a floating dtype, got int32"),
+        BadInput("rank0", lambda: (jnp.float32(1.0), _zeros(1)), ValueError,
+                 r"rms_norm: `x` must have rank >= 1 \(..., F\), got shape \(\)"),
+        BadInput("eps-array", lambda: (_zeros(4, 3), _zeros(3)), TypeError,
+                 r"rms_norm: `eps` must be a Python number", {"eps": jnp.float32(1e-6)}),
+    ),
+))
+
+
+def _group_norm_with_groups_as_keyword(op):
+    """group_norm(x, num_groups, γ, β) with num_groups a keyword: the registry passes the
+    arrays positionally and the static configuration as keywords."""
+
+    def call(x, gamma, beta, *, num_groups, eps=1e-5):
+        return op(x, num_groups, gamma, beta, eps)
+
+    call.__name__ = call.__qualname__ = "group_norm"
+    call.__doc__ = op.__doc__
+    return call
+
+
+def _group_norm_case(x_shape, num_groups, **kwargs):
+    def make(key, dtype):
+        kx, kg, kb = _keys(key, 3)
+        c = x_shape[1]
+        return (normal(kx, x_shape, dtype, 2.0) + 0.5, 1 + normal(kg, (c,), dtype, 0.3),
+                normal(kb, (c,), dtype))
+
+    config = "".join(f"-{k}={v}" for k, v in kwargs.items())
+    return Case(f"x{x_shape}-groups={num_groups}{config}".replace(" ", ""), make,
+                {"num_groups": num_groups, **kwargs})
+
+
+def _random_group_norm_case(draw: DrawInt) -> Case:
+    groups, per_group = draw(1, 3), draw(1, 3)
+    spatial = tuple(draw(1, 3) for _ in range(draw(0, 2)))
+    entries = per_group
+    for size in spatial:
+        entries *= size
+    if entries < 3:
+        # At least three entries per group: one alone normalizes to 0 and two to ±1, flat
+        # in x (a zero gradient up to ε, whose float32 rounding no tolerance can judge).
+        spatial = (*spatial, 3)
+    return _group_norm_case((draw(1, 3), groups * per_group, *spatial), groups)
+
+
+register(OpSpec(
+    name="group_norm",
+    family="norm",
+    op=_group_norm_with_groups_as_keyword(ops.group_norm),
+    reference=_group_norm_with_groups_as_keyword(reference.group_norm),
+    argnames=("x", "gamma", "beta"),
+    cases=(
+        _group_norm_case((2, 6, 3, 4), 3),
+        _group_norm_case((1, 4, 5), 2),  # batch 1, one spatial axis
+        _group_norm_case((3, 6), 2),  # no spatial axes
+        _group_norm_case((2, 5, 3), 1),  # one group: layer norm over (C, L), per-channel γ, β
+        _group_norm_case((2, 3, 2, 3), 3),  # a group per channel: instance norm
+        _group_norm_case((1, 4, 2, 2, 2), 2, eps=1e-3),  # volumetric
+    ),
+    random_case=_random_group_norm_case,
+    derivation="§8.5",
+    formula="ĝ = γ⊙g;  per group dx = (1/mσ)(m·ĝ − Σĝ − x̂·Σĝ·x̂);  dγ = Σ g·x̂;  dβ = Σ g",
+    bad_inputs=(
+        BadInput("groups-divide-C", lambda: (_zeros(2, 6, 4), _zeros(6), _zeros(6)), ValueError,
+                 r"group_norm: the channels of `x` \(C=6, x \(2, 6, 4\)\) must be divisible by "
+                 r"`num_groups` \(=4\)", {"num_groups": 4}),
+        BadInput("gamma-shape", lambda: (_zeros(2, 6, 4), _zeros(4), _zeros(6)), ValueError,
+                 r"group_norm: `gamma` must have shape \(C,\) = \(6,\) for x \(2, 6, 4\), "
+                 r"got \(4,\)", {"num_groups": 2}),
+        BadInput("rank1", lambda: (_zeros(6), _zeros(6), _zeros(6)), ValueError,
+                 r"group_norm: `x` must have rank >= 2 \(N, C, ...\), got shape \(6,\)",
+                 {"num_groups": 2}),
+        BadInput("groups-float", lambda: (_zeros(2, 6), _zeros(6), _zeros(6)), TypeError,
+                 r"group_norm: `num_groups` must be a Python int \(static\), got 2.0",
+                 {"num_groups": 2.0}),
+    ),
+))
+
+
+# --- embedding -----------------------------------------------------------------------------
+
+
+def _embedding_case(ids_shape, vocab, dim):
+    def make(key, dtype):
+        ki, kt = _keys(key, 2)
+        ids = jax.random.randint(ki, ids_shape, 0, vocab, dtype=jnp.int32)
+        return ids, normal(kt, (vocab, dim), dtype)
+
+    return Case(f"ids{ids_shape}-table({vocab}x{dim})".replace(" ", ""), make)
+
+
+register(OpSpec(
+    name="embedding",
+    family="embedding",
+    op=ops.embedding,
+    reference=reference.embedding,
+    argnames=("ids", "table"),
+    cases=(
+        _embedding_case((2, 5), 3, 4),  # 10 ids over 3 rows: repeated ids (their rows add)
+        _embedding_case((7,), 11, 3),
+        _embedding_case((1, 1), 1, 2),  # one id, a one-row table
+        _embedding_case((3, 2, 2), 5, 1),
+        _embedding_case((), 4, 3),  # a single id: rank-0 ids, output (D,)
+    ),
+    random_case=lambda draw: _embedding_case(
+        tuple(draw(1, 5) for _ in range(draw(0, 3))), draw(1, 9), draw(1, 5)),
+    derivation="§10.1",
+    formula="dtable[v] = Σ_{p: ids[p] = v} g[p]  (scatter-add; ids get none)",
+    bad_inputs=(
+        BadInput("float-ids", lambda: (_zeros(3), _zeros(5, 2)), TypeError,
+                 r"embedding: `ids` must have an integer dtype \(row indices into `table`\), "
+                 r"got float32 \(shape \(3,\)\)"),
+        BadInput("table-rank", lambda: (jnp.zeros((3,), jnp.int32), _zeros(5)), ValueError,
+                 r"embedding: `table` must have rank 2 \(V, D\), got shape \(5,\)"),
+        BadInput("int-table", lambda: (jnp.zeros((3,), jnp.int32), jnp.zeros((5, 2), jnp.int32)),
+                 TypeError, r"embedding: `table` must have a floating dtype, got int32"),
+    ),
+))
+
+
+# --- recurrent layers ------------------------------------------------------------------------
+
+_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+
+
+def _recurrent_args(kind, key, dtype, x_shape, hidden):
+    """Inputs of `kind` (rnn, lstm, gru, or their _step): x, the initial state(s), w_x, w_h
+    and the bias(es), weights at the 1/√H scale of PyTorch's initialization (times 2, so
+    the gates leave their linear range)."""
+    gates = _GATES[kind.removesuffix("_step")]
+    n, d = x_shape[0], x_shape[-1]
+    k = _keys(key, 7)
+    scale = 2.0 / max(hidden, 1) ** 0.5
+    x = normal(k[0], x_shape, dtype)
+    states = (normal(k[1], (n, hidden), dtype, 0.5),)
+    if gates == 4:
+        states += (normal(k[2], (n, hidden), dtype),)
+    weights = (normal(k[3], (gates * hidden, d), dtype, scale),
+               normal(k[4], (gates * hidden, hidden), dtype, scale))
+    biases = (normal(k[5], (gates * hidden,), dtype, 0.5),)
+    if gates == 3:
+        biases += (normal(k[6], (gates * hidden,), dtype, 0.5),)
+    return (x, *states, *weights, *biases)
+
+
+def _recurrent_case(kind, n, t, d, h):
+    step = kind.endswith("_step")
+    x_shape = (n, d) if step else (n, t, d)
+    name = f"N={n}-D={d}-H={h}" if step else f"N={n}-T={t}-D={d}-H={h}"
+    return Case(name, lambda key, dtype: _recurrent_args(kind, key, dtype, x_shape, h))
+
+
+def _lstm_as_one_array(op):
+    """lstm's ``(hs, (h_T, c_T))`` as one ``(N, T + 2, H)`` array, so that the registry's
+    checks see all three outputs (a random cotangent on it is one on each)."""
+
+    def call(*args):
+        hs, (h_last, c_last) = op(*args)
+        return jnp.concatenate([hs, h_last[:, None], c_last[:, None]], axis=1)
+
+    call.__name__ = call.__qualname__ = "lstm"
+    call.__doc__ = op.__doc__
+    return call
+
+
+def _lstm_step_as_one_array(op):
+    """lstm_step's ``(h, c)`` as one ``(N, 2H)`` array (both outputs checked)."""
+
+    def call(*args):
+        return jnp.concatenate(op(*args), axis=-1)
+
+    call.__name__ = call.__qualname__ = "lstm_step"
+    call.__doc__ = op.__doc__
+    return call
+
+
+_SEQUENCE_SIZES = ((3, 5, 4, 2), (1, 1, 3, 2), (2, 7, 1, 3), (4, 3, 5, 5), (1, 9, 2, 1))
+_STEP_SIZES = ((3, 1, 4, 2), (1, 1, 1, 1), (2, 1, 5, 3), (4, 1, 3, 3))
+
+
+def _recurrent_bad_inputs(kind):
+    """Bad calls of `kind` around one good configuration, N=3, D=4, H=2 (T=5): a wrong shape
+    for each weight, state and bias in turn, x of the wrong rank or dtype, no timesteps."""
+    gates = _GATES[kind.removesuffix("_step")]
+    step = kind.endswith("_step")
+    k = f"{gates}H" if gates > 1 else "H"
+    state = "h_prev" if step else "h0"
+    cell = "c_prev" if step else "c0"
+    good = {"x": (3, 4) if step else (3, 5, 4), state: (3, 2)}
+    good |= {cell: (3, 2)} if gates == 4 else {}
+    good |= {"w_x": (gates * 2, 4), "w_h": (gates * 2, 2)}
+    good |= {b: (gates * 2,) for b in (("b_x", "b_h") if gates == 3 else ("b",))}
+
+    def args(dtype=jnp.float32, **shapes):
+        shapes = good | shapes
+        return lambda: tuple(jnp.zeros(s, dtype if name == "x" else jnp.float32)
+                             for name, s in shapes.items())
+
+    x_shape = r"\(3, 4\)" if step else r"\(3, 5, 4\)"
+    where = rf"for x {x_shape} and {state} \(3, 2\) \(N=3, D=4, H=2\)"
+    last_bias = "b_h" if gates == 3 else "b"
+    bad = [
+        BadInput("w_h-shape", args(w_h=(gates * 2, 3)), ValueError,
+                 rf"{kind}: `w_h` must have shape \({k}, H\) = \({gates * 2}, 2\) {where}, "
+                 rf"got \({gates * 2}, 3\)"),
+        BadInput("w_x-shape", args(w_x=(gates * 2 + 1, 4)), ValueError,
+                 rf"{kind}: `w_x` must have shape \({k}, D\) = \({gates * 2}, 4\) {where}, "
+                 rf"got \({gates * 2 + 1}, 4\)"),
+        BadInput(f"{last_bias}-shape", args(**{last_bias: (gates * 2 + 1,)}), ValueError,
+                 rf"{kind}: `{last_bias}` must have shape \({k},\) = \({gates * 2},\) "
+                 rf"{where}, got \({gates * 2 + 1},\)"),
+        BadInput(f"{state}-rank", args(**{state: (3,)}), ValueError,
+                 rf"{kind}: `{state}` must have rank 2 \(N, H\), got shape \(3,\)"),
+        BadInput("int-x", args(dtype=jnp.int32), TypeError,
+                 rf"{kind}: `x` must have a floating dtype, got int32"),
+    ]
+    if step:
+        bad.append(BadInput("x-rank", args(x=(3, 5, 4)), ValueError,
+                            rf"{kind}: `x` must have rank 2 \(N, D\), got shape \(3, 5, 4\)"))
+    else:
+        bad.append(BadInput("x-rank", args(x=(3, 4)), ValueError,
+                            rf"{kind}: `x` must have rank 3 \(N, T, D\), got shape \(3, 4\)"))
+        bad.append(BadInput("no-timesteps", args(x=(3, 0, 4)), ValueError,
+                            rf"{kind}: `x` must have at least one timestep, got shape "
+                            rf"\(3, 0, 4\)"))
+    if gates == 4:
+        bad.append(BadInput(f"{cell}-batch", args(**{cell: (2, 2)}), ValueError,
+                            rf"{kind}: `{cell}` must have shape \(N, H\) = \(3, 2\) {where}, "
+                            rf"got \(2, 2\)"))
+    return tuple(bad)
+
+
+_RECURRENT_FORMULAS = {
+    "rnn": ("dz_t = (g_t + dh_t)⊙(1 − h_t²);  dh_{t−1} = dz_t·W_h;  "
+            "dW_x = Σ dz_tᵀx_t, dW_h = Σ dz_tᵀh_{t−1}, db = Σ dz_t, dx_t = dz_t·W_x", "§10.3"),
+    "lstm": ("dc = dc_t + dh⊙o⊙(1 − tanh²c_t);  dz = [dc⊙g⊙σ′_i, dc⊙c_{t−1}⊙σ′_f, "
+             "dc⊙i⊙tanh′_g, dh⊙tanh c_t⊙σ′_o];  dh_{t−1} = dz·W_h, dc_{t−1} = dc⊙f; "
+             "dW_x, dW_h, db, dx as for rnn", "§10.4"),
+    "gru": ("da_n = dh⊙(1−z)⊙(1−n²), da_r = da_n⊙hn⊙σ′_r, da_z = dh⊙(h_{t−1}−n)⊙σ′_z;  "
+            "dh_{t−1} = dh⊙z + [da_r, da_z, da_n⊙r]·W_h; dW_x, dW_h, db_x, db_h, dx as for rnn",
+            "§10.5"),
+}
+_RECURRENT_ARGNAMES = {
+    "rnn": ("x", "h0", "w_x", "w_h", "b"),
+    "lstm": ("x", "h0", "c0", "w_x", "w_h", "b"),
+    "gru": ("x", "h0", "w_x", "w_h", "b_x", "b_h"),
+}
+
+for _kind in ("rnn", "rnn_step", "lstm", "lstm_step", "gru", "gru_step"):
+    _base = _kind.removesuffix("_step")
+    _step = _kind != _base
+    _op, _ref = getattr(ops, _kind), getattr(reference, _kind)
+    if _base == "lstm":  # several outputs: checked as one array
+        _as_one = _lstm_step_as_one_array if _step else _lstm_as_one_array
+        _op, _ref = _as_one(_op), _as_one(_ref)
+    _formula, _section = _RECURRENT_FORMULAS[_base]
+    register(OpSpec(
+        name=_kind,
+        family="recurrent",
+        op=_op,
+        reference=_ref,
+        argnames=tuple(a.replace("0", "_prev") if _step else a
+                       for a in _RECURRENT_ARGNAMES[_base]),
+        cases=tuple(_recurrent_case(_kind, *size)
+                    for size in (_STEP_SIZES if _step else _SEQUENCE_SIZES)),
+        random_case=lambda draw, kind=_kind: _recurrent_case(
+            kind, draw(1, 4), draw(1, 6), draw(1, 5), draw(1, 4)),
+        derivation=_section,
+        formula=("one step of: " if _step else "") + _formula,
+        bad_inputs=_recurrent_bad_inputs(_kind),
+    ))

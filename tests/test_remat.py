@@ -110,6 +110,26 @@ def _attention_dense_mse(p, x, target, ops):
     a = ops.flash_attention(a, k, v, causal=True, block_q=2, block_k=3)
     return ops.squared_error(ops.dense(a.transpose(0, 2, 1, 3).reshape(n, t, f), p["w_out"]),
                              target)
+def _init_sequence(key):
+    k = jax.random.split(key, 12)
+    vocab, d, h = 7, 4, 3
+    params = {"table": _normal(k[0], (vocab, d)), "gamma": 1 + _normal(k[1], (d,), 0.2),
+              "lstm_wx": _normal(k[2], (4 * h, d), 0.5), "lstm_wh": _normal(k[3], (4 * h, h), 0.5),
+              "lstm_b": _normal(k[4], (4 * h,), 0.1), "gru_wx": _normal(k[5], (3 * h, h), 0.5),
+              "gru_wh": _normal(k[6], (3 * h, h), 0.5), "gru_bx": _normal(k[7], (3 * h,), 0.1),
+              "gru_bh": _normal(k[8], (3 * h,), 0.1), "fc_w": _normal(k[9], (vocab, h), 0.5)}
+    tokens = jax.random.randint(k[10], (2, 6), 0, vocab)  # inputs tokens[:, :-1], targets [:, 1:]
+    return params, _normal(k[11], (2, h), 0.5), tokens  # x: the initial hidden state
+
+
+def _embedding_lstm_gru(p, h0, tokens, ops):
+    e = ops.rms_norm(ops.embedding(tokens[:, :-1], p["table"]), p["gamma"])  # (2, 5, 4)
+    hs, (h_last, c_last) = ops.lstm(e, h0, ops.silu(h0), p["lstm_wx"], p["lstm_wh"], p["lstm_b"])
+    hs = ops.gelu(ops.gru(hs, h_last, p["gru_wx"], p["gru_wh"], p["gru_bx"], p["gru_bh"]))
+    logits = ops.dense(hs, p["fc_w"])  # (2, 5, 7)
+    return (ops.softmax_cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                      tokens[:, 1:].reshape(-1))
+            + ops.squared_error(c_last, h_last))  # the final states' cotangents too
 
 
 COMPOSITIONS = {
@@ -123,6 +143,9 @@ COMPOSITIONS = {
                                         {"norm", "dropout", "activations", "dense", "losses"}),
     "dense-attention-flash-mse": (_init_attention, _attention_dense_mse,
                                   {"dense", "attention", "losses"}),
+    "embedding-rmsnorm-lstm-gru-gelu-ce": (_init_sequence, _embedding_lstm_gru,
+                                           {"embedding", "norm", "recurrent", "activations",
+                                            "dense", "losses"}),
 }
 
 

@@ -30,7 +30,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "derivations.md"
 RTOL = tolerances.autodiff_tolerance("float64").rtol
 ATOL = tolerances.autodiff_tolerance("float64").atol
 HESSIAN_MAX_SIZE = 64  # the Hessian is size²: larger arguments get hvp only
-FAMILIES = ("dense", "activations", "losses", "conv", "pooling", "norm", "dropout", "attention")
+FAMILIES = ("dense", "activations", "losses", "conv", "pooling", "norm", "dropout", "embedding",
+            "recurrent", "attention")
 SPECS = registry.specs()
 
 
@@ -172,7 +173,11 @@ JVP_MESSAGE = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
 # softmax_cross_entropy's keeps the logits and their log-sum-exp, computed in plain JAX —
 # nothing for forward mode to trip on, so jax.hessian happens to work there (and is checked
 # against the reference's). jax.jvp (hence jax.jacfwd) always raises.
-JAX_HESSIAN_SUCCEEDS = {"max_pool2d", "softmax_cross_entropy"}
+# The sequence ops rnn, lstm and gru likewise: their `_fwd` runs the forward scan once in plain
+# JAX and keeps its states as residuals (calling the op for the primal would run the recurrence
+# twice), and their `_bwd` is a plain reverse scan (derivations §10.6). Their step ops call the
+# op itself in `_fwd`, and raise.
+JAX_HESSIAN_SUCCEEDS = {"max_pool2d", "softmax_cross_entropy", "rnn", "lstm", "gru"}
 # One op per family (the first that raises), and the exceptions.
 FORWARD_MODE_PARAMS = [
     pytest.param(spec, id=f"{family}-{spec.name}")

@@ -279,3 +279,120 @@ def log_softmax(z, axis: int = -1):
     """
     z = _elementwise_input("log_softmax", z)
     return _log_softmax(z, _checks.check_axis("log_softmax", z, axis))
+
+
+# --- GELU and SiLU ---------------------------------------------------------------------------
+# Smooth gates x·Φ(x) and x·σ(x): the derivative needs the input, so the input is the residual.
+
+_SQRT_HALF = 0.7071067811865476  # 1/√2
+_INV_SQRT_2PI = 0.3989422804014327  # 1/√(2π), the normal density's constant
+_SQRT_2_OVER_PI = 0.7978845608028654  # √(2/π)
+_GELU_CUBIC = 0.044715  # the tanh approximation's cubic coefficient
+
+
+def _floating_input(op, x):
+    x = jnp.asarray(x)
+    _checks.check_floating(op, "x", x)
+    return x
+
+
+def _normal_cdf(xf):
+    # Φ(x) = ½(1 + erf(x/√2)), written ½·erfc(−x/√2): the same value without the cancellation
+    # of 1 + erf(…) → 0 in the left tail (relative accuracy where gelu(x) is tiny).
+    return 0.5 * jax.lax.erfc(-xf * _SQRT_HALF)
+
+
+def _gelu_tanh_argument(xf):
+    return _SQRT_2_OVER_PI * (xf + _GELU_CUBIC * xf * xf * xf)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gelu(x, approximate):
+    xf = x.astype(accumulation_dtype(x.dtype))
+    if approximate:
+        y = 0.5 * xf * (1 + jnp.tanh(_gelu_tanh_argument(xf)))
+    else:
+        y = xf * _normal_cdf(xf)
+    return y.astype(x.dtype)
+
+
+def _gelu_fwd(x, approximate):
+    return _gelu(x, approximate), x  # residual: the input x
+
+
+def _gelu_bwd(approximate, x, g):
+    xf = x.astype(accumulation_dtype(x.dtype))
+    if approximate:  # d/dx ½x(1 + tanh u) = ½(1 + tanh u) + ½x(1 − tanh²u)·u′
+        t = jnp.tanh(_gelu_tanh_argument(xf))
+        du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * xf * xf)
+        slope = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * du
+    else:  # d/dx x·Φ(x) = Φ(x) + x·φ(x)
+        slope = _normal_cdf(xf) + xf * _INV_SQRT_2PI * jnp.exp(-0.5 * xf * xf)
+    return ((g.astype(xf.dtype) * slope).astype(x.dtype),)
+
+
+_gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def gelu(x, approximate: bool = False):
+    r"""Gaussian error linear unit :math:`x\,Φ(x) = \tfrac12 x\,(1 + \mathrm{erf}(x/\sqrt2))`.
+
+    With ``approximate=True``, the tanh form :math:`\tfrac12 x(1 + \tanh u)`,
+    :math:`u = \sqrt{2/π}\,(x + 0.044715\,x^3)`. Backward:
+
+    .. math::
+        dx = g ⊙ \big(Φ(x) + x\,φ(x)\big),\qquad
+        dx = g ⊙ \big(\tfrac12(1 + \tanh u) + \tfrac12 x (1 - \tanh^2 u)\,u'\big)
+        \ \text{(tanh form)},
+
+    :math:`φ(x) = e^{-x^2/2}/\sqrt{2π}`, :math:`u' = \sqrt{2/π}(1 + 3·0.044715\,x^2)`.
+    Note PyTorch's default is the erf form (as here); ``jax.nn.gelu``'s is the tanh form.
+
+    Args:
+      x: floating array of any shape.
+      approximate: static bool, the tanh approximation.
+
+    Returns:
+      same shape and dtype as ``x``.
+
+    Derivation: docs/derivations.md §2.6.
+    """
+    if not isinstance(approximate, bool):
+        raise TypeError(f"gelu: `approximate` must be a bool, got {approximate!r}.")
+    return _gelu(_floating_input("gelu", x), approximate)
+
+
+@jax.custom_vjp
+def _silu(x):
+    xf = x.astype(accumulation_dtype(x.dtype))
+    return (xf * jax.nn.sigmoid(xf)).astype(x.dtype)
+
+
+def _silu_fwd(x):
+    return _silu(x), x  # residual: the input x
+
+
+def _silu_bwd(x, g):
+    xf = x.astype(accumulation_dtype(x.dtype))
+    s = jax.nn.sigmoid(xf)
+    # d/dx x·σ(x) = σ(x) + x·σ(x)(1 − σ(x)), product rule and §2.1's σ′
+    return ((g.astype(xf.dtype) * s * (1 + xf * (1 - s))).astype(x.dtype),)
+
+
+_silu.defvjp(_silu_fwd, _silu_bwd)
+
+
+def silu(x):
+    r"""SiLU (swish) :math:`x\,σ(x)`, elementwise.
+
+    Backward: :math:`dx = g ⊙ σ(x)\,\big(1 + x(1 - σ(x))\big)`.
+
+    Args:
+      x: floating array of any shape.
+
+    Returns:
+      same shape and dtype as ``x``.
+
+    Derivation: docs/derivations.md §2.7.
+    """
+    return _silu(_floating_input("silu", x))

@@ -242,3 +242,164 @@ def layer_norm(x, gamma, beta, eps: float = 1e-5):
     x, gamma, beta = jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)
     _check_norm_args(op, x, gamma, beta, -1, "x.shape[-1]")
     return _layer_norm(x, gamma, beta, _checks.check_scalar(op, "eps", eps))
+
+
+# --- RMSNorm -------------------------------------------------------------------------------
+
+
+def _rms_normalize(x, eps):
+    """x̂ = x/rms and 1/rms (keepdims), rms = √(mean(x²) + ε) over the last axis."""
+    xf = x.astype(accumulation_dtype(x.dtype))
+    inv_rms = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return xf * inv_rms, inv_rms
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms_norm(x, gamma, eps):
+    x_hat, _ = _rms_normalize(x, eps)
+    return (_broadcast_last(gamma, x.ndim) * x_hat).astype(x.dtype)
+
+
+def _rms_norm_fwd(x, gamma, eps):
+    x_hat, inv_rms = _rms_normalize(x, eps)
+    # Residuals: x̂ = x/rms, 1/rms per row, and γ.
+    return _rms_norm(x, gamma, eps), (x_hat, inv_rms, gamma)
+
+
+def _rms_norm_bwd(eps, residuals, g):
+    x_hat, inv_rms, gamma = residuals
+    gf = g.astype(x_hat.dtype)
+    g_hat = gf * _broadcast_last(gamma.astype(x_hat.dtype), x_hat.ndim)  # ĝ = γ ⊙ g
+    # Layer norm without the mean: only the 1/rms path remains, dx = (ĝ − x̂·mean(ĝ x̂))/rms.
+    dx = inv_rms * (g_hat - x_hat * jnp.mean(g_hat * x_hat, axis=-1, keepdims=True))
+    dgamma = jnp.sum(gf * x_hat, axis=tuple(range(x_hat.ndim - 1)))
+    return dx.astype(g.dtype), dgamma.astype(gamma.dtype)
+
+
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+def rms_norm(x, gamma, eps: float = 1e-6):
+    r"""RMS normalization over the last axis (F entries): :math:`y = γ ⊙ x / \mathrm{rms}(x)`,
+    :math:`\mathrm{rms} = \sqrt{\tfrac1F\sum_j x_j^2 + ε}` — layer norm without the centering
+    and without β.
+
+    Backward, with :math:`\hat x = x/\mathrm{rms}`, :math:`\hat g = γ ⊙ g`, per row:
+
+    .. math::
+        dx = \frac{1}{\mathrm{rms}}\Big(\hat g - \hat x\,\tfrac1F\textstyle\sum_j \hat g_j\hat x_j
+        \Big),\qquad dγ = \textstyle\sum_{rows} g ⊙ \hat x
+
+    Args:
+      x: ``(..., F)``, rank ≥ 1.
+      gamma: ``(F,)``.
+      eps: added to the mean square.
+
+    Returns:
+      same shape and dtype as ``x``.
+
+    Derivation: docs/derivations.md §8.4.
+    """
+    op = "rms_norm"
+    x, gamma = jnp.asarray(x), jnp.asarray(gamma)
+    _checks.check_floating(op, "x", x)
+    _checks.check_floating(op, "gamma", gamma)
+    _checks.check_min_rank(op, "x", x, 1, "(..., F)")
+    if tuple(gamma.shape) != (x.shape[-1],):
+        raise ValueError(f"{op}: `gamma` must have shape (x.shape[-1],) = ({x.shape[-1]},) for x "
+                         f"{tuple(x.shape)}, got {tuple(gamma.shape)}.")
+    return _rms_norm(x, gamma, _checks.check_scalar(op, "eps", eps))
+
+
+# --- group norm ----------------------------------------------------------------------------
+
+
+def _grouped(x, num_groups):
+    """(N, C, ...) -> (N, G, C/G, ...): one statistic per (sample, group)."""
+    return x.reshape(x.shape[0], num_groups, x.shape[1] // num_groups, *x.shape[2:])
+
+
+def _group_axes(x_grouped):
+    return tuple(range(2, x_grouped.ndim))
+
+
+def _per_channel(p, ndim):
+    """γ or β (C,) as (1, C, 1, …): the explicit broadcast over samples and positions."""
+    return p.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm(x, gamma, beta, num_groups, eps):
+    xg = _grouped(x, num_groups)
+    x_hat = _normalize(xg, _group_axes(xg), eps)[0].reshape(x.shape)
+    return (_per_channel(gamma, x.ndim) * x_hat + _per_channel(beta, x.ndim)).astype(x.dtype)
+
+
+def _group_norm_fwd(x, gamma, beta, num_groups, eps):
+    xg = _grouped(x, num_groups)
+    x_hat, inv_std = _normalize(xg, _group_axes(xg), eps)
+    # Residuals: x̂ (grouped), 1/σ per (sample, group), and γ.
+    return _group_norm(x, gamma, beta, num_groups, eps), (x_hat, inv_std, gamma)
+
+
+def _group_norm_bwd(num_groups, eps, residuals, g):
+    x_hat, inv_std, gamma = residuals  # x̂ (N, G, C/G, ...)
+    axes = _group_axes(x_hat)
+    gf = g.astype(x_hat.dtype)
+    g_hat = _grouped(gf * _per_channel(gamma.astype(gf.dtype), g.ndim), num_groups)  # ĝ = γ ⊙ g
+    m = x_hat[0, 0].size  # entries per group
+    # Layer norm's compact form (§8.2) within each group: γ varies along it, so ĝ.
+    sum_g_hat = jnp.sum(g_hat, axis=axes, keepdims=True)
+    sum_g_hat_xhat = jnp.sum(g_hat * x_hat, axis=axes, keepdims=True)
+    dx = inv_std / m * (m * g_hat - sum_g_hat - x_hat * sum_g_hat_xhat)
+    per_channel_sum = (0, *range(2, g.ndim))  # over samples and positions
+    dgamma = jnp.sum(gf * x_hat.reshape(g.shape), axis=per_channel_sum)
+    dbeta = jnp.sum(gf, axis=per_channel_sum)
+    return (dx.reshape(g.shape).astype(g.dtype), dgamma.astype(gamma.dtype),
+            dbeta.astype(gamma.dtype))
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def group_norm(x, num_groups: int, gamma, beta, eps: float = 1e-5):
+    r"""Group normalization: the C channels of ``x (N, C, ...)`` split into ``num_groups``
+    groups of C/G; each (sample, group) is normalized over its channels and positions
+    (m = C/G·H·W… entries), then :math:`y = γ_c\hat x + β_c` per channel.
+
+    Backward, per (sample, group), with :math:`\hat g = γ ⊙ g`:
+
+    .. math::
+        dx = \frac{1}{mσ}\Big(m\,\hat g - \textstyle\sum \hat g - \hat x\sum \hat g\,\hat x\Big),
+        \quad dγ_c = \textstyle\sum_{n,\,positions} g\,\hat x,\quad dβ_c = \sum_{n,\,positions} g
+
+    ``num_groups = 1`` is layer norm over (C, ...) with per-channel γ, β; ``num_groups = C``
+    is instance norm.
+
+    Args:
+      x: ``(N, C, ...)``, rank ≥ 2.
+      num_groups: static int dividing C.
+      gamma, beta: ``(C,)``.
+      eps: added to the variance.
+
+    Returns:
+      same shape and dtype as ``x``.
+
+    Derivation: docs/derivations.md §8.5.
+    """
+    op = "group_norm"
+    x, gamma, beta = jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)
+    _checks.check_floating(op, "x", x)
+    _checks.check_min_rank(op, "x", x, 2, "(N, C, ...)")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"{op}: `num_groups` must be a Python int (static), got {num_groups!r}.")
+    channels = x.shape[1]
+    if num_groups < 1 or channels % num_groups:
+        raise ValueError(f"{op}: the channels of `x` (C={channels}, x {tuple(x.shape)}) must be "
+                         f"divisible by `num_groups` (={num_groups}).")
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        _checks.check_floating(op, name, p)
+        if tuple(p.shape) != (channels,):
+            raise ValueError(f"{op}: `{name}` must have shape (C,) = ({channels},) for x "
+                             f"{tuple(x.shape)}, got {tuple(p.shape)}.")
+    return _group_norm(x, gamma, beta, num_groups, _checks.check_scalar(op, "eps", eps))
