@@ -9,6 +9,7 @@
 from handgrad import reference as reference
 from handgrad.check import CheckResult as CheckResult
 from handgrad.check import check_vjp as check_vjp
+from handgrad.check import compare as compare
 from handgrad.ops import BatchNormStats as BatchNormStats
 from handgrad.ops import attention as attention
 from handgrad.ops import avg_pool2d as avg_pool2d

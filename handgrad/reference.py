@@ -187,6 +187,28 @@ def dropout(x, rate, key, *, training=True):
     return jnp.where(keep, x * scale, 0).astype(x.dtype)
 
 
+def attention(q, k, v, *, mask=None, causal=False, scale=None):
+    args = _attention_checks.attention_args("attention", q, k, v, mask, causal, scale)
+    acc = jnp.promote_types(args.q.dtype, jnp.float32)  # float32 scores for 16-bit inputs
+    s = args.scale * jnp.einsum("nhqd,nhkd->nhqk", args.q.astype(acc), args.k.astype(acc))
+    tq, tk = s.shape[2:]
+    allowed = jnp.ones((1, 1, tq, tk), bool) if args.mask is None else args.mask
+    if args.causal:
+        allowed = allowed & (jnp.arange(tk)[None, :] <= jnp.arange(tq)[:, None])[None, None]
+    s = jnp.where(allowed, s, -jnp.inf)
+    # A row with no allowed key: shift by 0 and divide by 1, so that it is 0, not NaN.
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0))
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(total > 0, total, 1)
+    return jnp.einsum("nhqk,nhkd->nhqd", p, args.v.astype(acc)).astype(args.q.dtype)
+
+
+def flash_attention(q, k, v, *, causal=False, scale=None, block_q=None, block_k=None):
+    # The same function as attention: the block lengths change how it is evaluated, not what.
+    _attention_checks.block_size("flash_attention", "block_q", block_q)
+    _attention_checks.block_size("flash_attention", "block_k", block_k)
+    return attention(q, k, v, causal=causal, scale=scale)
 # --- sequence models: embedding and the recurrent layers --------------------------------------
 # Written with no help from handgrad.ops: the step formula as the notes state it, and lax.scan
 # over it for the sequence, which jax.grad differentiates through (BPTT by autodiff).
@@ -322,25 +344,3 @@ def group_norm(x, num_groups, gamma, beta, eps=1e-5):
     x_hat = ((grouped - mu) / jnp.sqrt(var + eps)).reshape(x.shape)
     channel = (1, c) + (1,) * (x.ndim - 2)
     return (gamma.reshape(channel) * x_hat + beta.reshape(channel)).astype(x.dtype)
-def attention(q, k, v, *, mask=None, causal=False, scale=None):
-    args = _attention_checks.attention_args("attention", q, k, v, mask, causal, scale)
-    acc = jnp.promote_types(args.q.dtype, jnp.float32)  # float32 scores for 16-bit inputs
-    s = args.scale * jnp.einsum("nhqd,nhkd->nhqk", args.q.astype(acc), args.k.astype(acc))
-    tq, tk = s.shape[2:]
-    allowed = jnp.ones((1, 1, tq, tk), bool) if args.mask is None else args.mask
-    if args.causal:
-        allowed = allowed & (jnp.arange(tk)[None, :] <= jnp.arange(tq)[:, None])[None, None]
-    s = jnp.where(allowed, s, -jnp.inf)
-    # A row with no allowed key: shift by 0 and divide by 1, so that it is 0, not NaN.
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0))
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / jnp.where(total > 0, total, 1)
-    return jnp.einsum("nhqk,nhkd->nhqd", p, args.v.astype(acc)).astype(args.q.dtype)
-
-
-def flash_attention(q, k, v, *, causal=False, scale=None, block_q=None, block_k=None):
-    # The same function as attention: the block lengths change how it is evaluated, not what.
-    _attention_checks.block_size("flash_attention", "block_q", block_q)
-    _attention_checks.block_size("flash_attention", "block_k", block_k)
-    return attention(q, k, v, causal=causal, scale=scale)

@@ -32,6 +32,9 @@ class Case:
     id: str
     make_args: Callable[[jax.Array, jnp.dtype], tuple]
     kwargs: dict = field(default_factory=dict)
+    # options for check_vjp, e.g. {"allow_zero": True} where a gradient is exactly zero by
+    # the mathematics (say why beside the case)
+    check: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,14 @@ def away_from_zero(key, shape, dtype, low=0.1, high=2.0):
     k_sign, k_mag = jax.random.split(key)
     sign = jnp.where(jax.random.bernoulli(k_sign, 0.5, shape), 1.0, -1.0)
     return (sign * jax.random.uniform(k_mag, shape, minval=low, maxval=high)).astype(dtype)
+
+
+def some_positive(key, shape, dtype):
+    """``away_from_zero`` with the first entry positive: for relu, an all-negative draw (one
+    element in two for a 1×1 input) makes the output and the gradient identically zero, and
+    the check vacuous."""
+    x = away_from_zero(key, shape, dtype)
+    return x.at[(0,) * len(shape)].set(jnp.abs(x[(0,) * len(shape)]))
 
 
 def distinct(key, shape, dtype, spread=4.0):
@@ -208,7 +219,7 @@ def _elementwise_case(shape, sampler=normal, **kwargs):
 
 
 def _register_elementwise(name, op, ref, formula, derivation, sampler=normal, kwargs=None,
-                          random_kwargs=None, extra_cases=()):
+                          random_kwargs=None, extra_cases=(), batch_one=(1, 1), min_last=1):
     kwargs = kwargs or {}
     register(OpSpec(
         name=name,
@@ -218,13 +229,13 @@ def _register_elementwise(name, op, ref, formula, derivation, sampler=normal, kw
         argnames=("z",),
         cases=(
             _elementwise_case((4, 5), sampler, **kwargs),
-            _elementwise_case((1, 1), sampler, **kwargs),
+            _elementwise_case(batch_one, sampler, **kwargs),
             _elementwise_case((3, 7, 2), sampler, **kwargs),
             _elementwise_case((6,), sampler, **kwargs),
             *extra_cases,
         ),
         random_case=lambda draw: _elementwise_case(
-            tuple(draw(1, 6) for _ in range(draw(1, 3))), sampler,
+            (*(draw(1, 6) for _ in range(draw(0, 2))), draw(min_last, 6)), sampler,
             **(random_kwargs(draw) if random_kwargs else kwargs),
         ),
         derivation=derivation,
@@ -245,19 +256,21 @@ _register_elementwise("sigmoid", ops.sigmoid, reference.sigmoid,
                       "dz = g ⊙ a ⊙ (1 − a)", "§2.1", normal)
 _register_elementwise("tanh", ops.tanh, reference.tanh, "dz = g ⊙ (1 − a²)", "§2.2", normal)
 _register_elementwise("relu", ops.relu, reference.relu,
-                      "dz = g ⊙ [z ≥ 0]  (1 at z = 0)", "§2.3", away_from_zero)
+                      "dz = g ⊙ [z ≥ 0]  (1 at z = 0)", "§2.3", some_positive)
 _register_elementwise("leaky_relu", ops.leaky_relu, reference.leaky_relu,
                       "dz = g where z ≥ 0, slope·g elsewhere", "§2.3", away_from_zero,
                       kwargs={"negative_slope": 0.1},
                       random_kwargs=lambda draw: {"negative_slope": draw(0, 30) / 100})
+# Over one class softmax is 1 and log_softmax 0 whatever z is: an identically zero gradient
+# proves nothing, so batch 1 has several classes and drawn cases at least two.
 _register_elementwise("softmax", ops.softmax, reference.softmax,
                       "dz = a ⊙ (g − ⟨g, a⟩)", "§2.4", normal, kwargs={"axis": -1},
-                      random_kwargs=lambda draw: {"axis": -1},
+                      random_kwargs=lambda draw: {"axis": -1}, batch_one=(1, 4), min_last=2,
                       # a non-last class axis too (NCHW segmentation logits, say)
                       extra_cases=(_elementwise_case((3, 4, 5), normal, axis=1),))
 _register_elementwise("log_softmax", ops.log_softmax, reference.log_softmax,
                       "dz = g − softmax(z)·Σg", "§2.5", normal, kwargs={"axis": -1},
-                      random_kwargs=lambda draw: {"axis": -1})
+                      random_kwargs=lambda draw: {"axis": -1}, batch_one=(1, 4), min_last=2)
 
 
 
@@ -621,9 +634,11 @@ register(OpSpec(
         _norm_case((6, 3), 1, eps=1e-3),
         _norm_case((5, 4), 1, training=False, **_eval_stats(4)),
     ),
+    # Statistics over at least 3 entries: over one x̂ = 0, and dx and dγ are identically zero;
+    # over two x̂ = ±1 whatever x is, and dx is of the order of eps.
     random_case=lambda draw: _norm_case(
-        (draw(2, 6), draw(1, 5)) if draw(0, 1) else (draw(1, 3), draw(1, 4), draw(1, 4),
-                                                     draw(1, 4)), 1),
+        (draw(3, 6), draw(1, 5)) if draw(0, 1) else (draw(1, 3), draw(1, 4), draw(1, 4),
+                                                     draw(3, 4)), 1),
     derivation="§8.1",
     formula="dx = (γ/mσ)(m·g − Σg − x̂·Σg·x̂);  dγ = Σ g·x̂;  dβ = Σ g",
     bad_inputs=(
@@ -656,8 +671,10 @@ register(OpSpec(
     reference=reference.layer_norm,
     argnames=("x", "gamma", "beta"),
     cases=(_layer_norm_case((4, 6)), _layer_norm_case((1, 3)), _layer_norm_case((2, 3, 5))),
+    # At least 3 features: over two x̂ = ±1 whatever x is, and dx is of the order of eps
+    # (drawn F = 2 passed on the absolute tolerances alone).
     random_case=lambda draw: _layer_norm_case(
-        (*tuple(draw(1, 4) for _ in range(draw(1, 2))), draw(2, 7))),
+        (*tuple(draw(1, 4) for _ in range(draw(1, 2))), draw(3, 7))),
     derivation="§8.2",
     formula="ĝ = γ⊙g;  dx = (1/Fσ)(F·ĝ − Σĝ − x̂·Σĝ·x̂);  dγ = Σ g·x̂;  dβ = Σ g",
     bad_inputs=(
@@ -675,16 +692,25 @@ def _dropout_case(shape, rate, seed):
                 {"rate": rate, "key": jax.random.PRNGKey(seed)})
 
 
+def _random_dropout_case(shape, rate, seed):
+    """A mask that drops every entry makes the output and the gradient zero, whatever the
+    backward does: the next seed, until one keeps something."""
+    while not reference.dropout(jnp.ones(shape), rate, jax.random.PRNGKey(seed)).any():
+        seed += 1
+    return _dropout_case(shape, rate, seed)
+
+
 register(OpSpec(
     name="dropout",
     family="dropout",
     op=ops.dropout,
     reference=reference.dropout,
     argnames=("x",),
+    # rate 0.9 on 48 entries: key 5 keeps 11 (on 12 entries key 4 kept none: nothing checked)
     cases=(_dropout_case((6, 7), 0.3, 1), _dropout_case((2, 3, 4, 4), 0.5, 2),
-           _dropout_case((1, 5), 0.0, 3), _dropout_case((3, 4), 0.9, 4)),
-    random_case=lambda draw: _dropout_case((draw(1, 6), draw(1, 6)), draw(0, 9) / 10,
-                                           draw(0, 1000)),
+           _dropout_case((1, 5), 0.0, 3), _dropout_case((6, 8), 0.9, 5)),
+    random_case=lambda draw: _random_dropout_case((draw(1, 6), draw(1, 6)), draw(0, 9) / 10,
+                                                  draw(0, 1000)),
     derivation="§8.3",
     formula="dx = g ⊙ M/(1 − p), the mask M drawn again from the key",
     bad_inputs=(
@@ -698,6 +724,147 @@ register(OpSpec(
 ))
 
 
+# --- attention -------------------------------------------------------------------------------
+
+
+def _attention_mask(seed, shape, empty_row=None):
+    """A random boolean mask, True = may attend, with at least one allowed key per query row
+    except ``empty_row`` (an index into the leading axes and the query axis), which may attend
+    to nothing: its output and its gradients must be exactly zero, on both sides of the check."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random(shape) < 0.6
+    one_key = rng.integers(0, shape[-1], shape[:-1])
+    mask |= np.arange(shape[-1]) == one_key[..., None]
+    if empty_row is not None:
+        mask[empty_row] = False
+    return mask
+
+
+def _attention_case(n, h, tq, tk, d, dv, mask=None, check=None, **kwargs):
+    def make(key, dtype):
+        kq, kk, kv = _keys(key, 3)
+        return (normal(kq, (n, h, tq, d), dtype, 1.5), normal(kk, (n, h, tk, d), dtype),
+                normal(kv, (n, h, tk, dv), dtype))
+
+    config = "".join(f"-{k}={v}" for k, v in kwargs.items())
+    if mask is not None:
+        kwargs["mask"] = mask
+        config += f"-mask{mask.shape}"
+    name = f"q{(n, h, tq, d)}-k{(n, h, tk, d)}-v{(n, h, tk, dv)}{config}".replace(" ", "")
+    return Case(name, make, kwargs, check or {})
+
+
+def _random_attention_case(flash):
+    def draw_case(draw: DrawInt) -> Case:
+        n, h, d, dv = draw(1, 2), draw(1, 3), draw(1, 5), draw(1, 5)
+        causal = draw(0, 2) == 0
+        # With one key, or causal with one query, P ≡ 1: the q and k gradients are exactly
+        # zero, nothing to verify. The fixed T = 1 cases opt in to that; draws avoid it.
+        tq = draw(2 if causal else 1, 9)
+        tk = tq if causal else draw(2, 9)
+        kwargs = {"causal": causal}
+        if flash:
+            kwargs.update(block_q=draw(1, 4), block_k=draw(1, 4))
+        elif draw(0, 1):
+            kwargs["mask"] = _attention_mask(draw(0, 2**31 - 1), (n, 1, tq, tk),
+                                             empty_row=(0, 0, draw(0, tq - 1)))
+        return _attention_case(n, h, tq, tk, d, dv, **kwargs)
+
+    return draw_case
+
+
+def _qkv(q_shape, k_shape=None, v_shape=None, dtypes=(jnp.float32,) * 3):
+    """Zero q, k, v of these shapes (k and v default to q's) and dtypes: for bad inputs."""
+    shapes = (q_shape, k_shape or q_shape, v_shape or k_shape or q_shape)
+    return tuple(jnp.zeros(s, t) for s, t in zip(shapes, dtypes))
+
+
+def _attention_bad_inputs(name):
+    return (
+        BadInput("q-rank", lambda: _qkv((2, 5, 4), (1, 2, 5, 4), (1, 2, 5, 4)), ValueError,
+                 rf"{name}: `q` must have rank 4 \(N, H, Tq, d\), got shape \(2, 5, 4\)"),
+        BadInput("k-features", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 3), (1, 2, 6, 3)),
+                 ValueError, rf"{name}: `k` must have shape \(N, H, Tk, d\) with \(N, H, d\) = "
+                 r"\(1, 2, 4\) from q \(1, 2, 5, 4\), got \(1, 2, 6, 3\)"),
+        BadInput("v-length", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 5, 4)), ValueError,
+                 rf"{name}: `v` must have shape \(N, H, Tk, dv\) with \(N, H, Tk\) = "
+                 r"\(1, 2, 6\) from k \(1, 2, 6, 4\), got \(1, 2, 5, 4\)"),
+        BadInput("int-q", lambda: _qkv((1, 1, 2, 2), dtypes=(jnp.int32, jnp.float32, jnp.float32)),
+                 TypeError, rf"{name}: `q` must have a floating dtype, got int32"),
+        BadInput("dtypes", lambda: _qkv((1, 1, 2, 2), dtypes=(jnp.float32, jnp.float16,
+                                                              jnp.float32)),
+                 TypeError, rf"{name}: `q`, `k` and `v` must have the same dtype, got float32, "
+                 "float16 and float32"),
+        BadInput("causal-lengths", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 4)),
+                 ValueError, rf"{name}: `causal=True` needs as many queries as keys .* got "
+                 r"Tq = 5 and Tk = 6", {"causal": True}),
+        BadInput("scale-array", lambda: _qkv((1, 1, 2, 2)), TypeError,
+                 rf"{name}: `scale` must be a Python number", {"scale": np.ones(1)}),
+    )
+
+
+register(OpSpec(
+    name="attention",
+    family="attention",
+    op=ops.attention,
+    reference=reference.attention,
+    argnames=("q", "k", "v"),
+    cases=(
+        # Tq ≠ Tk, dv ≠ d, a per-batch mask shared by the heads; query 1 of batch 0 may attend
+        # to no key: zero output and zero gradients on both sides (never NaN = NaN).
+        _attention_case(2, 2, 5, 6, 4, 3, mask=_attention_mask(1, (2, 1, 5, 6), (0, 0, 1))),
+        _attention_case(1, 3, 7, 7, 4, 5, causal=True),  # batch 1, causal
+        _attention_case(1, 1, 3, 4, 2, 3),  # small enough for a full Hessian
+        # T = 1: P = 1, O = V, so dq = dk = 0 exactly — verified as zero on purpose
+        _attention_case(1, 1, 1, 1, 4, 2, check={"allow_zero": True}),
+        # causal and a (Tq, Tk) mask combined, with a row the mask leaves with no key (row 0:
+        # causal leaves it key 0 only, which the mask forbids), and an explicit scale
+        _attention_case(2, 2, 6, 6, 3, 3, mask=_attention_mask(2, (6, 6), (0,)), causal=True,
+                        scale=0.7),
+        _attention_case(2, 2, 4, 9, 5, 2),  # more keys than queries, no mask
+    ),
+    random_case=_random_attention_case(flash=False),
+    derivation="§11.2",
+    formula="dV = Pᵀ·g;  dS = P ⊙ (g·Vᵀ − rowsum(g ⊙ O));  dQ = scale·dS·K;  dK = scale·dSᵀ·Q",
+    bad_inputs=(
+        *_attention_bad_inputs("attention"),
+        BadInput("mask-dtype", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 4)), TypeError,
+                 r"attention: `mask` must be boolean \(True = may attend\), got float32",
+                 {"mask": np.ones((5, 6), np.float32)}),
+        BadInput("mask-shape", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 4)),
+                 ValueError, r"attention: `mask` must broadcast to \(N, H, Tq, Tk\) = "
+                 r"\(1, 2, 5, 6\), got shape \(3, 6\)", {"mask": np.ones((3, 6), bool)}),
+    ),
+))
+
+register(OpSpec(
+    name="flash_attention",
+    family="attention",
+    op=ops.flash_attention,
+    reference=reference.flash_attention,
+    argnames=("q", "k", "v"),
+    cases=(
+        # Small blocks, so that several tiles, padded tails and the causal skip are exercised.
+        _attention_case(2, 2, 7, 9, 4, 3, block_q=3, block_k=4),  # Tq ≠ Tk, dv ≠ d, both padded
+        _attention_case(1, 3, 10, 10, 4, 5, causal=True, block_q=4, block_k=3),
+        _attention_case(1, 1, 3, 5, 2, 3, block_q=2, block_k=2),  # small enough for a Hessian
+        # T = 1 with the default blocks: dq = dk = 0 exactly, as for attention
+        _attention_case(1, 1, 1, 1, 4, 2, check={"allow_zero": True}),
+        _attention_case(2, 2, 9, 9, 3, 3, causal=True, scale=0.7, block_q=3, block_k=3),
+        _attention_case(2, 1, 6, 6, 4, 4, causal=True),  # default blocks: one tile
+        _attention_case(1, 2, 8, 5, 3, 2, block_q=8, block_k=1),  # one key per tile
+    ),
+    random_case=_random_attention_case(flash=True),
+    derivation="§11.3",
+    formula="per tile P = exp(S − L): dV_j += Pᵀ·g_i;  dS = P ⊙ (g_i·V_jᵀ − D_i);  "
+            "dQ_i += scale·dS·K_j;  dK_j += scale·dSᵀ·Q_i",
+    bad_inputs=(
+        *_attention_bad_inputs("flash_attention"),
+        BadInput("block-zero", lambda: _qkv((1, 2, 5, 4)), ValueError,
+                 r"flash_attention: `block_q` must be a positive int or None, got 0",
+                 {"block_q": 0}),
+    ),
+))
 # --- GELU and SiLU ---------------------------------------------------------------------------
 
 
@@ -1051,140 +1218,3 @@ for _kind in ("rnn", "rnn_step", "lstm", "lstm_step", "gru", "gru_step"):
         formula=("one step of: " if _step else "") + _formula,
         bad_inputs=_recurrent_bad_inputs(_kind),
     ))
-# --- attention -------------------------------------------------------------------------------
-
-
-def _attention_mask(seed, shape, empty_row=None):
-    """A random boolean mask, True = may attend, with at least one allowed key per query row
-    except ``empty_row`` (an index into the leading axes and the query axis), which may attend
-    to nothing: its output and its gradients must be exactly zero, on both sides of the check."""
-    rng = np.random.default_rng(seed)
-    mask = rng.random(shape) < 0.6
-    one_key = rng.integers(0, shape[-1], shape[:-1])
-    mask |= np.arange(shape[-1]) == one_key[..., None]
-    if empty_row is not None:
-        mask[empty_row] = False
-    return mask
-
-
-def _attention_case(n, h, tq, tk, d, dv, mask=None, **kwargs):
-    def make(key, dtype):
-        kq, kk, kv = _keys(key, 3)
-        return (normal(kq, (n, h, tq, d), dtype, 1.5), normal(kk, (n, h, tk, d), dtype),
-                normal(kv, (n, h, tk, dv), dtype))
-
-    config = "".join(f"-{k}={v}" for k, v in kwargs.items())
-    if mask is not None:
-        kwargs["mask"] = mask
-        config += f"-mask{mask.shape}"
-    name = f"q{(n, h, tq, d)}-k{(n, h, tk, d)}-v{(n, h, tk, dv)}{config}".replace(" ", "")
-    return Case(name, make, kwargs)
-
-
-def _random_attention_case(flash):
-    def draw_case(draw: DrawInt) -> Case:
-        n, h, d, dv = draw(1, 2), draw(1, 3), draw(1, 5), draw(1, 5)
-        causal = draw(0, 2) == 0
-        tq = draw(1, 9)
-        tk = tq if causal else draw(1, 9)
-        kwargs = {"causal": causal}
-        if flash:
-            kwargs.update(block_q=draw(1, 4), block_k=draw(1, 4))
-        elif draw(0, 1):
-            kwargs["mask"] = _attention_mask(draw(0, 2**31 - 1), (n, 1, tq, tk),
-                                             empty_row=(0, 0, draw(0, tq - 1)))
-        return _attention_case(n, h, tq, tk, d, dv, **kwargs)
-
-    return draw_case
-
-
-def _qkv(q_shape, k_shape=None, v_shape=None, dtypes=(jnp.float32,) * 3):
-    """Zero q, k, v of these shapes (k and v default to q's) and dtypes: for bad inputs."""
-    shapes = (q_shape, k_shape or q_shape, v_shape or k_shape or q_shape)
-    return tuple(jnp.zeros(s, t) for s, t in zip(shapes, dtypes))
-
-
-def _attention_bad_inputs(name):
-    return (
-        BadInput("q-rank", lambda: _qkv((2, 5, 4), (1, 2, 5, 4), (1, 2, 5, 4)), ValueError,
-                 rf"{name}: `q` must have rank 4 \(N, H, Tq, d\), got shape \(2, 5, 4\)"),
-        BadInput("k-features", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 3), (1, 2, 6, 3)),
-                 ValueError, rf"{name}: `k` must have shape \(N, H, Tk, d\) with \(N, H, d\) = "
-                 r"\(1, 2, 4\) from q \(1, 2, 5, 4\), got \(1, 2, 6, 3\)"),
-        BadInput("v-length", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 5, 4)), ValueError,
-                 rf"{name}: `v` must have shape \(N, H, Tk, dv\) with \(N, H, Tk\) = "
-                 r"\(1, 2, 6\) from k \(1, 2, 6, 4\), got \(1, 2, 5, 4\)"),
-        BadInput("int-q", lambda: _qkv((1, 1, 2, 2), dtypes=(jnp.int32, jnp.float32, jnp.float32)),
-                 TypeError, rf"{name}: `q` must have a floating dtype, got int32"),
-        BadInput("dtypes", lambda: _qkv((1, 1, 2, 2), dtypes=(jnp.float32, jnp.float16,
-                                                              jnp.float32)),
-                 TypeError, rf"{name}: `q`, `k` and `v` must have the same dtype, got float32, "
-                 "float16 and float32"),
-        BadInput("causal-lengths", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 4)),
-                 ValueError, rf"{name}: `causal=True` needs as many queries as keys .* got "
-                 r"Tq = 5 and Tk = 6", {"causal": True}),
-        BadInput("scale-array", lambda: _qkv((1, 1, 2, 2)), TypeError,
-                 rf"{name}: `scale` must be a Python number", {"scale": np.ones(1)}),
-    )
-
-
-register(OpSpec(
-    name="attention",
-    family="attention",
-    op=ops.attention,
-    reference=reference.attention,
-    argnames=("q", "k", "v"),
-    cases=(
-        # Tq ≠ Tk, dv ≠ d, a per-batch mask shared by the heads; query 1 of batch 0 may attend
-        # to no key: zero output and zero gradients on both sides (never NaN = NaN).
-        _attention_case(2, 2, 5, 6, 4, 3, mask=_attention_mask(1, (2, 1, 5, 6), (0, 0, 1))),
-        _attention_case(1, 3, 7, 7, 4, 5, causal=True),  # batch 1, causal
-        _attention_case(1, 1, 3, 4, 2, 3),  # small enough for a full Hessian
-        _attention_case(1, 1, 1, 1, 4, 2),  # T = 1: P = 1, O = V
-        # causal and a (Tq, Tk) mask combined, with a row the mask leaves with no key (row 0:
-        # causal leaves it key 0 only, which the mask forbids), and an explicit scale
-        _attention_case(2, 2, 6, 6, 3, 3, mask=_attention_mask(2, (6, 6), (0,)), causal=True,
-                        scale=0.7),
-        _attention_case(2, 2, 4, 9, 5, 2),  # more keys than queries, no mask
-    ),
-    random_case=_random_attention_case(flash=False),
-    derivation="§11.2",
-    formula="dV = Pᵀ·g;  dS = P ⊙ (g·Vᵀ − rowsum(g ⊙ O));  dQ = scale·dS·K;  dK = scale·dSᵀ·Q",
-    bad_inputs=(
-        *_attention_bad_inputs("attention"),
-        BadInput("mask-dtype", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 4)), TypeError,
-                 r"attention: `mask` must be boolean \(True = may attend\), got float32",
-                 {"mask": np.ones((5, 6), np.float32)}),
-        BadInput("mask-shape", lambda: _qkv((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 4)),
-                 ValueError, r"attention: `mask` must broadcast to \(N, H, Tq, Tk\) = "
-                 r"\(1, 2, 5, 6\), got shape \(3, 6\)", {"mask": np.ones((3, 6), bool)}),
-    ),
-))
-
-register(OpSpec(
-    name="flash_attention",
-    family="attention",
-    op=ops.flash_attention,
-    reference=reference.flash_attention,
-    argnames=("q", "k", "v"),
-    cases=(
-        # Small blocks, so that several tiles, padded tails and the causal skip are exercised.
-        _attention_case(2, 2, 7, 9, 4, 3, block_q=3, block_k=4),  # Tq ≠ Tk, dv ≠ d, both padded
-        _attention_case(1, 3, 10, 10, 4, 5, causal=True, block_q=4, block_k=3),
-        _attention_case(1, 1, 3, 5, 2, 3, block_q=2, block_k=2),  # small enough for a Hessian
-        _attention_case(1, 1, 1, 1, 4, 2),  # T = 1, the default blocks
-        _attention_case(2, 2, 9, 9, 3, 3, causal=True, scale=0.7, block_q=3, block_k=3),
-        _attention_case(2, 1, 6, 6, 4, 4, causal=True),  # default blocks: one tile
-        _attention_case(1, 2, 8, 5, 3, 2, block_q=8, block_k=1),  # one key per tile
-    ),
-    random_case=_random_attention_case(flash=True),
-    derivation="§11.4",
-    formula="per tile P = exp(S − L): dV_j += Pᵀ·g_i;  dS = P ⊙ (g_i·V_jᵀ − D_i);  "
-            "dQ_i += scale·dS·K_j;  dK_j += scale·dSᵀ·Q_i",
-    bad_inputs=(
-        *_attention_bad_inputs("flash_attention"),
-        BadInput("block-zero", lambda: _qkv((1, 2, 5, 4)), ValueError,
-                 r"flash_attention: `block_q` must be a positive int or None, got 0",
-                 {"block_q": 0}),
-    ),
-))

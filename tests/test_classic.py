@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import handgrad as hg
-from handgrad import classic
+from handgrad import classic, tolerances
 
-RTOL = 1e-10  # float64: both sides are the same formula up to a few ulps (handgrad/tolerances.py)
+RTOL = tolerances.autodiff_tolerance("float64").rtol  # float64: the same formula up to a few ulps
 
 # Per output: networks with L = 3, 2 and 1 layers; odd sizes; 1 or several output units.
 DIMS = {

@@ -15,9 +15,11 @@ import optax
 import pytest
 
 import handgrad as hg
-from handgrad import registry
+from handgrad import registry, tolerances
 
-RTOL, ATOL = 1e-10, 1e-12  # float64: hand rules vs autodiff differ by rounding only
+# float64: hand rules vs autodiff differ by rounding only
+_F64 = tolerances.autodiff_tolerance("float64")
+RTOL, ATOL = _F64.rtol, _F64.atol
 
 
 def assert_trees_close(got, want, rtol=RTOL, atol=ATOL):
@@ -139,7 +141,8 @@ def test_hessian_vector_product_equals_reference(activation="tanh"):
     shifted = [grad_ref(jax.tree_util.tree_map(lambda a, b, s=s: a + s * eps * b, params, v))
                for s in (1, -1)]
     fd = jax.tree_util.tree_map(lambda a, b: (a - b) / (2 * eps), *shifted)
-    assert_trees_close(hand, fd, rtol=1e-6, atol=1e-8)
+    fd_tol = tolerances.FINITE_DIFFERENCES
+    assert_trees_close(hand, fd, rtol=fd_tol.rtol, atol=fd_tol.atol)
 
 
 def test_hessian_vector_product_through_inputs_and_hand_losses():

@@ -4,7 +4,9 @@ For every op and every case of the registry, the forward output and the VJP (a r
 cotangent) are computed in the low dtype and compared with the same op in float32 on the *same*
 inputs — the low-precision inputs cast up to float32, so both sides see identical values (ties
 that rounding creates in max-pool inputs are identical ties on both sides, broken the same way).
-Pass: ``max |low − f32| ≤ atol + rtol · max |f32|`` with ``tolerances.LOW_PRECISION_VS_FLOAT32``.
+Pass: ``max |low − f32| ≤ rtol · max |f32|`` with ``tolerances.LOW_PRECISION_VS_FLOAT32``
+(relative: bfloat16 ``rtol 3e-2`` is a few roundings of 2⁻⁸, not a fixed ``atol`` that would pass
+anything on gradients of size 0.1; float16 ``rtol 3e-3``).
 Outputs and cotangents keep the low dtype.
 
 Then a whole training run in bfloat16 (float32 master weights) on the bundled digits.
@@ -183,6 +185,15 @@ def test_the_comparison_can_fail():
                          beta.astype(jnp.float32))
     assert not tol.allows(*_error(naive(x), want))
     assert tol.allows(*_error(hg.layer_norm(x, gamma, beta), want))
+
+
+def test_a_wrong_small_gradient_fails_the_relative_tolerance():
+    """On gradients of size ~0.1, the former fixed ``atol=2e-2`` let a 20 % error through
+    (0.12 for 0.1); the relative tolerance catches it and still passes bfloat16 rounding."""
+    tol = tolerances.LOW_PRECISION_VS_FLOAT32["bfloat16"]
+    want = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (64,))
+    assert not tol.allows(*_error((1.2 * want).astype(jnp.bfloat16), want))
+    assert tol.allows(*_error(want.astype(jnp.bfloat16), want))
 
 
 # --- a bfloat16 training run ------------------------------------------------------------------

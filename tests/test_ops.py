@@ -49,7 +49,7 @@ def _check(spec, case, dtype, platform, **options):
     args = _on(platform, case.make_args(k_args, jnp.dtype(dtype)))
     with jax.default_device(jax.devices(platform)[0]), _precision(platform):
         return hg.check_vjp(spec.op, spec.reference, *args, kwargs=case.kwargs, key=k_check,
-                            name=f"{spec.name}[{case.id}]", **options)
+                            name=f"{spec.name}[{case.id}]", **{**case.check, **options})
 
 
 @pytest.mark.parametrize("spec, case, dtype", CASES)

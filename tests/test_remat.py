@@ -97,6 +97,19 @@ def _layer_norm_dropout(p, x, targets, ops):
             + ops.sigmoid_binary_cross_entropy(z, targets))
 
 
+def _init_attention(key):
+    k = jax.random.split(key, 4)
+    params = {"w_qkv": _normal(k[0], (12, 4), 0.5), "w_out": _normal(k[1], (2, 4), 0.5)}
+    return params, _normal(k[2], (2, 5, 4)), _normal(k[3], (2, 5, 2))
+
+
+def _attention_dense_mse(p, x, target, ops):
+    n, t, f = x.shape  # 2 heads of 2 features: q, k, v as (N, H, T, d)
+    q, k, v = ops.dense(x, p["w_qkv"]).reshape(n, t, 3, 2, f // 2).transpose(2, 0, 3, 1, 4)
+    a = ops.attention(q, k, v, causal=True)
+    a = ops.flash_attention(a, k, v, causal=True, block_q=2, block_k=3)
+    return ops.squared_error(ops.dense(a.transpose(0, 2, 1, 3).reshape(n, t, f), p["w_out"]),
+                             target)
 def _init_sequence(key):
     k = jax.random.split(key, 12)
     vocab, d, h = 7, 4, 3
@@ -117,19 +130,6 @@ def _embedding_lstm_gru(p, h0, tokens, ops):
     return (ops.softmax_cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                       tokens[:, 1:].reshape(-1))
             + ops.squared_error(c_last, h_last))  # the final states' cotangents too
-def _init_attention(key):
-    k = jax.random.split(key, 4)
-    params = {"w_qkv": _normal(k[0], (12, 4), 0.5), "w_out": _normal(k[1], (2, 4), 0.5)}
-    return params, _normal(k[2], (2, 5, 4)), _normal(k[3], (2, 5, 2))
-
-
-def _attention_dense_mse(p, x, target, ops):
-    n, t, f = x.shape  # 2 heads of 2 features: q, k, v as (N, H, T, d)
-    q, k, v = ops.dense(x, p["w_qkv"]).reshape(n, t, 3, 2, f // 2).transpose(2, 0, 3, 1, 4)
-    a = ops.attention(q, k, v, causal=True)
-    a = ops.flash_attention(a, k, v, causal=True, block_q=2, block_k=3)
-    return ops.squared_error(ops.dense(a.transpose(0, 2, 1, 3).reshape(n, t, f), p["w_out"]),
-                             target)
 
 
 COMPOSITIONS = {
@@ -141,11 +141,11 @@ COMPOSITIONS = {
                                  {"dense", "norm", "activations", "losses"}),
     "layernorm-dropout-leakyrelu-bce": (_init_ln_dropout, _layer_norm_dropout,
                                         {"norm", "dropout", "activations", "dense", "losses"}),
+    "dense-attention-flash-mse": (_init_attention, _attention_dense_mse,
+                                  {"dense", "attention", "losses"}),
     "embedding-rmsnorm-lstm-gru-gelu-ce": (_init_sequence, _embedding_lstm_gru,
                                            {"embedding", "norm", "recurrent", "activations",
                                             "dense", "losses"}),
-    "dense-attention-flash-mse": (_init_attention, _attention_dense_mse,
-                                  {"dense", "attention", "losses"}),
 }
 
 

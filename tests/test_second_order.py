@@ -2,7 +2,8 @@
 against jax.hessian (forward-over-reverse) of the plain-JAX reference, for every registered op.
 
 ``jax.hessian`` cannot differentiate a ``custom_vjp`` (pinned below), but it can differentiate
-``spec.reference``, which has no custom rule: the two Hessians must agree to 1e-9 (float64).
+``spec.reference``, which has no custom rule: the two Hessians must agree to float64's
+autodiff tolerance in handgrad/tolerances.py (1e-12 relative).
 
 The scalar under test is ``f = Σ c ⊙ y + Σ c' ⊙ tanh(y)`` with ``y = op(args)`` and fixed random
 cotangents ``c, c'`` (``y + tanh(y)`` for losses, whose ``y`` is already a scalar). The linear
@@ -23,11 +24,11 @@ import numpy as np
 import pytest
 
 import handgrad as hg
-from handgrad import registry
+from handgrad import registry, tolerances
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "derivations.md"
-RTOL = 1e-9
-ATOL = 1e-12
+RTOL = tolerances.autodiff_tolerance("float64").rtol
+ATOL = tolerances.autodiff_tolerance("float64").atol
 HESSIAN_MAX_SIZE = 64  # the Hessian is size²: larger arguments get hvp only
 FAMILIES = ("dense", "activations", "losses", "conv", "pooling", "norm", "dropout", "embedding",
             "recurrent", "attention")

@@ -21,7 +21,7 @@ import optax
 import pytest
 
 import handgrad as hg
-from handgrad import data, models, train
+from handgrad import data, models, tolerances, train
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = {"hand": hg, "auto": hg.reference}
@@ -116,10 +116,10 @@ def run_steps(name, ops, dtype, optimizer, x, y, steps, batch_size):
 # float32 rounding (~2e-10 absolute, 1e-9 of max |g|) moves that ratio by ~5e-3. That is
 # adam amplifying rounding, not a backward-pass error, so that case is not a good parity probe.)
 PARITY = [
-    ("mlp", 512, jnp.float64, "adam", 1e-10),
-    ("mlp", 512, jnp.float64, "sgd", 1e-10),
+    ("mlp", 512, jnp.float64, "adam", tolerances.autodiff_tolerance("float64").rtol),
+    ("mlp", 512, jnp.float64, "sgd", tolerances.autodiff_tolerance("float64").rtol),
     ("mlp", 512, jnp.float32, "adam", 1e-5),
-    ("cnn", 256, jnp.float64, "adam", 1e-10),
+    ("cnn", 256, jnp.float64, "adam", tolerances.autodiff_tolerance("float64").rtol),
     ("cnn", 256, jnp.float32, "sgd", 1e-5),
 ]
 OPTIMIZERS = {"adam": lambda: optax.adam(1e-2), "sgd": lambda: optax.sgd(0.1, momentum=0.9)}
@@ -222,8 +222,9 @@ def test_train_step_is_one_optax_update_for_any_optimizer(batch, optimizer_name)
         params, opt_state, metrics = step(params, opt_state, batch)
         assert set(metrics) == {"loss", "accuracy"}
         losses.append(float(metrics["loss"]))
-        assert max_rel_err(params, want_params) <= 1e-10
-        assert max_rel_err(opt_state, want_state) <= 1e-10
+        rtol = tolerances.autodiff_tolerance("float64").rtol
+        assert max_rel_err(params, want_params) <= rtol
+        assert max_rel_err(opt_state, want_state) <= rtol
     for leaf in jax.tree_util.tree_leaves(params):
         assert leaf.dtype == jnp.float64
     assert losses[2] < losses[1] < losses[0], losses
@@ -469,7 +470,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import PartitionSpec as P
-    from handgrad import data, models, train
+    from handgrad import data, models, tolerances, train
 
     out = {"num_devices": jax.device_count(), "platform": jax.default_backend()}
     mesh = train.make_mesh(4)

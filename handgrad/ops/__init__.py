@@ -57,6 +57,8 @@ OP_NAMES = (
     "batch_norm",
     "layer_norm",
     "dropout",
+    "attention",
+    "flash_attention",
     "gelu",
     "silu",
     "rms_norm",
@@ -68,6 +70,4 @@ OP_NAMES = (
     "lstm_step",
     "gru",
     "gru_step",
-    "attention",
-    "flash_attention",
 )

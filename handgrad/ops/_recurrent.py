@@ -4,8 +4,8 @@ Batch-first like every op: ``x`` is ``(N, T, D)``, hidden states ``(N, H)``; wei
 ``(out, in)`` with the gates stacked along ``out`` (PyTorch's order: LSTM ``i, f, g, o``,
 GRU ``r, z, n``). For each layer
 
-* the forward computes the input projection :math:`x_t W_x^\top + b` of **all** timesteps as
-  one GEMM, then runs the recurrence as one ``lax.scan`` that keeps what the backward needs;
+* the forward computes the input projection :math:`x_t W_x^\top` of **all** timesteps as one
+  GEMM, then runs the recurrence as one ``lax.scan`` that keeps what the backward needs;
 * the backward is a reverse ``lax.scan`` carrying :math:`dh` (and :math:`dc`) through the gate
   derivatives; it emits the pre-activation gradient :math:`dz_t` of every step, and the sums
   over time — :math:`dW_x = \sum_t dz_t^\top x_t`, :math:`dW_h = \sum_t dz_t^\top h_{t-1}`,
@@ -41,11 +41,12 @@ def _time_major(a):
     return jnp.swapaxes(a, 0, 1)  # (N, T, ...) <-> (T, N, ...)
 
 
-def _input_projection(x, w_x, b):
-    """``x_t·W_xᵀ + b`` for every timestep at once: one GEMM over the N·T rows, time-major
+def _input_projection(x, w_x):
+    """``x_t·W_xᵀ`` for every timestep at once: one GEMM over the N·T rows, time-major
     ``(T, N, kH)``. (x is put time-major first: a GEMM writing a permuted output is slower
-    on CPU, docs/derivations.md §10.2.)"""
-    return _time_major(x) @ w_x.T + b.reshape(1, 1, -1)
+    on CPU; the bias joins inside the step, where its add fuses with the step's elementwise
+    work — docs/derivations.md §10.2.)"""
+    return _time_major(x) @ w_x.T
 
 
 def _previous(first, seq):
@@ -113,9 +114,9 @@ def _check_args(op, x, x_layout, states, w_x, w_h, biases, gates):
 # --- RNN -----------------------------------------------------------------------------------
 
 
-def _rnn_cell(zx, h_prev, w_h_t):
-    """h = tanh(zx + h_prev·W_hᵀ), with zx = x·W_xᵀ + b already computed and w_h_t = W_hᵀ."""
-    return jnp.tanh(zx + h_prev @ w_h_t)
+def _rnn_cell(zx, h_prev, w_h_t, b):
+    """h = tanh(zx + h_prev·W_hᵀ + b), with zx = x·W_xᵀ already computed and w_h_t = W_hᵀ."""
+    return jnp.tanh(zx + h_prev @ w_h_t + _row(b))
 
 
 def _rnn_cell_bwd(dh, h, w_h):
@@ -136,11 +137,11 @@ class _RnnResiduals(NamedTuple):
 def _rnn_forward(x, h0, w_x, w_h, b):
     acc = _acc_dtype(x, h0, w_x, w_h, b)
     x, h0, w_x, w_h, b = (a.astype(acc) for a in (x, h0, w_x, w_h, b))
-    zx = _input_projection(x, w_x, b)  # (T, N, H): every step's input side, one GEMM
+    zx = _input_projection(x, w_x)  # (T, N, H): every step's x_t·W_xᵀ, one GEMM
     w_h_t = w_h.T  # transposed once, not at every step
 
     def step(h_prev, zx_t):
-        h = _rnn_cell(zx_t, h_prev, w_h_t)
+        h = _rnn_cell(zx_t, h_prev, w_h_t, b)
         return h, h
 
     _, hs = lax.scan(step, h0, zx)
@@ -213,8 +214,8 @@ def rnn(x, h0, w_x, w_h, b):
 @jax.custom_vjp
 def _rnn_step(x, h_prev, w_x, w_h, b):
     acc = _acc_dtype(x, h_prev, w_x, w_h, b)
-    zx = x.astype(acc) @ w_x.astype(acc).T + _row(b.astype(acc))
-    h = _rnn_cell(zx, h_prev.astype(acc), w_h.astype(acc).T)
+    zx = x.astype(acc) @ w_x.astype(acc).T
+    h = _rnn_cell(zx, h_prev.astype(acc), w_h.astype(acc).T, b.astype(acc))
     return h.astype(_out_dtype(x, h_prev, w_x, w_h, b))
 
 
@@ -264,10 +265,10 @@ def rnn_step(x, h_prev, w_x, w_h, b):
 # --- LSTM ----------------------------------------------------------------------------------
 
 
-def _lstm_cell(zx, h_prev, c_prev, w_h_t):
-    """One LSTM step from zx = x·W_xᵀ + b and w_h_t = W_hᵀ: (h, c, gates), gates =
+def _lstm_cell(zx, h_prev, c_prev, w_h_t, b):
+    """One LSTM step from zx = x·W_xᵀ and w_h_t = W_hᵀ: (h, c, gates), gates =
     [σ(i), σ(f), tanh(g), σ(o)] stacked along the last axis like the weights' rows."""
-    zi, zf, zg, zo = _split(zx + h_prev @ w_h_t, 4)
+    zi, zf, zg, zo = _split(zx + h_prev @ w_h_t + _row(b), 4)
     i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
     c = f * c_prev + i * g
     h = o * jnp.tanh(c)
@@ -300,11 +301,11 @@ class _LstmResiduals(NamedTuple):
 def _lstm_forward(x, h0, c0, w_x, w_h, b):
     acc = _acc_dtype(x, h0, c0, w_x, w_h, b)
     x, h0, c0, w_x, w_h, b = (a.astype(acc) for a in (x, h0, c0, w_x, w_h, b))
-    zx = _input_projection(x, w_x, b)  # (T, N, 4H): every step's input side, one GEMM
+    zx = _input_projection(x, w_x)  # (T, N, 4H): every step's x_t·W_xᵀ, one GEMM
     w_h_t = w_h.T  # transposed once, not at every step
 
     def step(carry, zx_t):
-        h, c, gates = _lstm_cell(zx_t, *carry, w_h_t)
+        h, c, gates = _lstm_cell(zx_t, *carry, w_h_t, b)
         return (h, c), (h, c, gates)
 
     _, (hs, cs, gates) = lax.scan(step, (h0, c0), zx)
@@ -391,8 +392,9 @@ def lstm(x, h0, c0, w_x, w_h, b):
 def _lstm_step_cell(x, h_prev, c_prev, w_x, w_h, b):
     """(h, c, gates) of one step, in the accumulation dtype."""
     acc = _acc_dtype(x, h_prev, c_prev, w_x, w_h, b)
-    zx = x.astype(acc) @ w_x.astype(acc).T + _row(b.astype(acc))
-    return _lstm_cell(zx, h_prev.astype(acc), c_prev.astype(acc), w_h.astype(acc).T)
+    zx = x.astype(acc) @ w_x.astype(acc).T
+    return _lstm_cell(zx, h_prev.astype(acc), c_prev.astype(acc), w_h.astype(acc).T,
+                      b.astype(acc))
 
 
 @jax.custom_vjp
@@ -455,10 +457,10 @@ def lstm_step(x, h_prev, c_prev, w_x, w_h, b):
 # --- GRU -----------------------------------------------------------------------------------
 
 
-def _gru_cell(zx, h_prev, w_h_t, b_h):
-    """One GRU step (PyTorch's form) from zx = x·W_xᵀ + b_x and w_h_t = W_hᵀ: (h, gates
-    [r, z, n], hn) with hn = h_prev·W_hnᵀ + b_hn, the part r scales."""
-    xr, xz, xn = _split(zx, 3)
+def _gru_cell(zx, h_prev, w_h_t, b_x, b_h):
+    """One GRU step (PyTorch's form) from zx = x·W_xᵀ and w_h_t = W_hᵀ: (h, gates [r, z, n],
+    hn) with hn = h_prev·W_hnᵀ + b_hn, the part r scales."""
+    xr, xz, xn = _split(zx + _row(b_x), 3)
     hr, hz, hn = _split(h_prev @ w_h_t + _row(b_h), 3)
     r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
     n = jnp.tanh(xn + r * hn)
@@ -493,11 +495,11 @@ class _GruResiduals(NamedTuple):
 def _gru_forward(x, h0, w_x, w_h, b_x, b_h):
     acc = _acc_dtype(x, h0, w_x, w_h, b_x, b_h)
     x, h0, w_x, w_h, b_x, b_h = (a.astype(acc) for a in (x, h0, w_x, w_h, b_x, b_h))
-    zx = _input_projection(x, w_x, b_x)  # (T, N, 3H): every step's input side, one GEMM
+    zx = _input_projection(x, w_x)  # (T, N, 3H): every step's x_t·W_xᵀ, one GEMM
     w_h_t = w_h.T  # transposed once, not at every step
 
     def step(h_prev, zx_t):
-        h, gates, hn = _gru_cell(zx_t, h_prev, w_h_t, b_h)
+        h, gates, hn = _gru_cell(zx_t, h_prev, w_h_t, b_x, b_h)
         return h, (h, gates, hn)
 
     _, (hs, gates, hn) = lax.scan(step, h0, zx)
@@ -581,8 +583,8 @@ def gru(x, h0, w_x, w_h, b_x, b_h):
 def _gru_step_cell(x, h_prev, w_x, w_h, b_x, b_h):
     """(h, gates, hn) of one step, in the accumulation dtype."""
     acc = _acc_dtype(x, h_prev, w_x, w_h, b_x, b_h)
-    zx = x.astype(acc) @ w_x.astype(acc).T + _row(b_x.astype(acc))
-    return _gru_cell(zx, h_prev.astype(acc), w_h.astype(acc).T, b_h.astype(acc))
+    zx = x.astype(acc) @ w_x.astype(acc).T
+    return _gru_cell(zx, h_prev.astype(acc), w_h.astype(acc).T, b_x.astype(acc), b_h.astype(acc))
 
 
 @jax.custom_vjp
