@@ -16,15 +16,16 @@ import jax.numpy as jnp
 from jax.scipy.special import xlog1py, xlogy
 
 from handgrad import _checks
-from handgrad.ops import _activations, _conv, _dense, _norm, _pooling
+from handgrad._stats import BatchNormStats
+from handgrad.ops import _conv, _pooling
 
 
 def dense(x, w, b=None):
     x, w = jnp.asarray(x), jnp.asarray(w)
     b = None if b is None else jnp.asarray(b)
-    _dense.check_dense_args("dense", x, w, b)
+    _checks.check_dense_args("dense", x, w, b)
     z = jnp.matmul(x, w.T)
-    return z if b is None else z + _dense.broadcast_bias(b, z.ndim)
+    return z if b is None else z + b.reshape((1,) * (z.ndim - 1) + b.shape)
 
 
 def flatten(x):
@@ -53,8 +54,13 @@ def leaky_relu(z, negative_slope: float = 0.01):
     return jnp.where(z >= 0, z, negative_slope * z)
 
 
+def _accumulation_dtype(dtype):
+    """float32 for 16-bit floats, as the ops accumulate."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+
 def _acc(z):
-    return z.astype(_activations.accumulation_dtype(z.dtype))
+    return z.astype(_accumulation_dtype(z.dtype))
 
 
 def log_softmax(z, axis: int = -1):
@@ -138,10 +144,10 @@ def avg_pool2d(x, window, stride=None, padding=0):
 def batch_norm(x, gamma, beta, *, axis=1, eps=1e-5, momentum=0.1, running_mean=None,
                running_var=None, training=True):
     x, gamma, beta = jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)
-    axis = _norm._check_norm_args("batch_norm", x, gamma, beta, axis)
+    axis = _checks.check_norm_args("batch_norm", x, gamma, beta, axis)
     shape = tuple(x.shape[axis] if i == axis else 1 for i in range(x.ndim))
     reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
-    stat_dtype = _activations.accumulation_dtype(x.dtype)
+    stat_dtype = _accumulation_dtype(x.dtype)
     features = x.shape[axis]
     mean = jnp.zeros((features,), stat_dtype) if running_mean is None else running_mean
     var = jnp.ones((features,), stat_dtype) if running_var is None else running_var
@@ -152,11 +158,11 @@ def batch_norm(x, gamma, beta, *, axis=1, eps=1e-5, momentum=0.1, running_mean=N
     else:
         mu, sigma2 = mean.reshape(shape), var.reshape(shape)
     y = gamma.reshape(shape) * (xf - mu) / jnp.sqrt(sigma2 + eps) + beta.reshape(shape)
-    stats = _norm.BatchNormStats(mean, var)
+    stats = BatchNormStats(mean, var)
     if training:
         m = x.size // features
         xs = jax.lax.stop_gradient(xf)
-        stats = _norm.BatchNormStats(
+        stats = BatchNormStats(
             (1 - momentum) * mean + momentum * jnp.mean(xs, axis=reduce_axes),
             (1 - momentum) * var + momentum * jnp.var(xs, axis=reduce_axes) * m / max(m - 1, 1),
         )
@@ -165,7 +171,7 @@ def batch_norm(x, gamma, beta, *, axis=1, eps=1e-5, momentum=0.1, running_mean=N
 
 def layer_norm(x, gamma, beta, eps=1e-5):
     x, gamma, beta = jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)
-    _norm._check_norm_args("layer_norm", x, gamma, beta, -1, "x.shape[-1]")
+    _checks.check_norm_args("layer_norm", x, gamma, beta, -1, "x.shape[-1]")
     xf = _acc(x)
     mu = jnp.mean(xf, axis=-1, keepdims=True)
     sigma2 = jnp.mean((xf - mu) ** 2, axis=-1, keepdims=True)
