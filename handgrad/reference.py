@@ -7,6 +7,11 @@ signatures, same forward values (and the same input checks) as the ops in ``hand
 Two conventions are built into the formulas so that autodiff agrees with the hand rules:
 ``relu``/``leaky_relu`` use ``where(z >= 0, …)``, whose derivative at exactly 0 is 1 (seed 001),
 and the losses sum over features and average over the batch.
+
+It shares nothing with the ops but their argument checks (``handgrad._checks``, which raise
+and compute nothing): padding, output sizes and windows come from JAX's own
+``lax.padtype_to_pads``, ``lax.conv_general_dilated`` and ``lax.reduce_window``, so that a
+mistake in the ops' window arithmetic would show in every comparison with this module.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from jax.scipy.special import xlog1py, xlogy
 
 from handgrad import _checks
 from handgrad._stats import BatchNormStats
-from handgrad.ops import _conv, _pooling
 
 
 def dense(x, w, b=None):
@@ -106,11 +110,27 @@ def squared_error(pred, target):
 
 
 
+def _pads(op, padding, in_hw, reach, stride):
+    """((top, bottom), (left, right)): "SAME"/"VALID" by lax.padtype_to_pads, the rest as given."""
+    _checks.check_padding(op, padding)
+    if isinstance(padding, str):
+        return tuple(jax.lax.padtype_to_pads(in_hw, reach, stride, padding.upper()))
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    if isinstance(padding[0], int):
+        return ((padding[0], padding[0]), (padding[1], padding[1]))
+    return tuple(tuple(p) for p in padding)
+
+
 def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
     x, w = jnp.asarray(x), jnp.asarray(w)
     b = None if b is None else jnp.asarray(b)
-    stride, pads, dilation, groups, _ = _conv.conv2d_config(
-        "conv2d", x, w, b, stride, padding, dilation, groups)
+    _checks.check_conv2d_args("conv2d", x, w, b, groups)
+    stride = _checks.pair("conv2d", "stride", stride)
+    dilation = _checks.pair("conv2d", "dilation", dilation)
+    reach = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
+    pads = _pads("conv2d", padding, x.shape[2:], reach, stride)
+    _checks.check_window_fits("conv2d", x, reach, pads, "kernel")
     z = jax.lax.conv_general_dilated(
         x, w, window_strides=stride, padding=pads, rhs_dilation=dilation,
         dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=groups,
@@ -118,27 +138,32 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
     return z if b is None else z + b.reshape(1, -1, 1, 1)
 
 
-def _reduce_window(x, init, reducer, window, stride, pads):
+def _pool(op, x, init, reducer, window, stride, padding, at_most_half_window=False):
+    x = jnp.asarray(x)
+    _checks.check_nchw(op, x)
+    window = _checks.pair(op, "window", window)
+    stride = window if stride is None else _checks.pair(op, "stride", stride)
+    pads = _pads(op, padding, x.shape[2:], window, stride)
+    if at_most_half_window:
+        _checks.check_pool_padding(op, x, window, pads)
+    _checks.check_window_fits(op, x, window, pads, "window")
     # A Python-scalar identity lets JAX recognize the max/add monoid and pick the
     # differentiable reduce_window_max / reduce_window_sum primitives.
-    return jax.lax.reduce_window(
-        x, init, reducer, (1, 1, *window), (1, 1, *stride),
-        ((0, 0), (0, 0), *pads),
-    )
+    out = jax.lax.reduce_window(x, init, reducer, (1, 1, *window), (1, 1, *stride),
+                                ((0, 0), (0, 0), *pads))
+    return out, window
 
 
 def max_pool2d(x, window, stride=None, padding=0):
-    x = jnp.asarray(x)
-    window, stride, pads, _, _ = _pooling.pool_config(
-        "max_pool2d", x, window, stride, padding, pad_at_most_half_window=True)
     # What jax.grad differentiates: reduce_window max, whose VJP XLA runs as select-and-scatter.
-    return _reduce_window(x, -jnp.inf, jax.lax.max, window, stride, pads)
+    out, _ = _pool("max_pool2d", x, -jnp.inf, jax.lax.max, window, stride, padding,
+                   at_most_half_window=True)
+    return out
 
 
 def avg_pool2d(x, window, stride=None, padding=0):
-    x = jnp.asarray(x)
-    window, stride, pads, _, _ = _pooling.pool_config("avg_pool2d", x, window, stride, padding)
-    return _reduce_window(x, 0.0, jax.lax.add, window, stride, pads) / (window[0] * window[1])
+    total, (kh, kw) = _pool("avg_pool2d", x, 0.0, jax.lax.add, window, stride, padding)
+    return total / (kh * kw)
 
 
 def batch_norm(x, gamma, beta, *, axis=1, eps=1e-5, momentum=0.1, running_mean=None,
