@@ -49,8 +49,8 @@ def _log_softmax_parts(logits):
     The losses keep these (two numbers a row) and the logits as residuals, not log_softmax:
     the same (m, k) bytes, but the backward's ``exp`` reads logits that were never rounded
     (log_softmax was saved in the logits' dtype, so 16-bit logits lost digits before ``exp``),
-    and the rules are plain JAX, so ``jax.hessian`` of the loss works. Time is unchanged: at
-    (4096, 1000), 4.3–4.9 ms both, paired in one process (XLA fused either residual away)."""
+    and the rules are plain JAX, so ``jax.hessian`` of the loss works. Time is unchanged
+    (docs/performance.md#softmax-cross-entropy)."""
     zf = _acc(logits)
     peak, log_sum = log_sum_exp_parts(zf, 1)
     return zf, peak, log_sum
@@ -58,9 +58,8 @@ def _log_softmax_parts(logits):
 
 def _one_hot(labels, like):
     """y[i, labels[i]] = 1, zeros elsewhere — written as that scatter, not as
-    ``labels[:, None] == iota``: XLA:CPU fuses the comparison into the gradient's elementwise
-    loop, and that made the MLP 784-512-512-10 step 7–11 % slower than autodiff (which
-    scatters), against parity with the scatter (paired, three executables each, four runs).
+    ``labels[:, None] == iota``, which XLA:CPU fuses into the gradient's elementwise loop, a
+    slower step (docs/performance.md#softmax-cross-entropy).
     A row whose label is out of range becomes NaN in the caller, whatever is written here."""
     rows = jnp.arange(like.shape[0])
     return jnp.zeros_like(like).at[rows, labels].set(1, mode="drop")
