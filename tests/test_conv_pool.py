@@ -237,9 +237,10 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
         x, w, *b = jax.eval_shape(
             lambda case=case: case.make_args(jax.random.PRNGKey(0), jnp.float32))
         config = conv_config(x, w, **case.kwargs)
-        paths = fast_conv.describe(w.shape, config, "cpu")  # what lowering for the CPU takes
-        if jax.default_backend() == "cpu":
-            assert fast.describe("conv2d", x, w, *b, **case.kwargs) == paths
+        with hg.fast_paths(True):
+            paths = fast_conv.describe(w.shape, config, "cpu")  # what lowering for CPU takes
+            if jax.default_backend() == "cpu":
+                assert fast.describe("conv2d", x, w, *b, **case.kwargs) == paths
         described.append(paths)
         if paths["forward"] == "per_group":
             grouped.append((config.groups, fast_conv.group_paths(w.shape, config)[1]))
@@ -336,7 +337,8 @@ def test_cpu_tuned_conv_paths_lower_to_xla_convolutions_elsewhere(
         return {platform: export.export(jax.jit(forward_and_vjp), platforms=[platform])(
             x, w, ct).mlir_module() for platform in ("cuda", "cpu")}
 
-    tuned = programs()
+    with hg.fast_paths(True):
+        tuned = programs()
     for platform, program in tuned.items():
         assert program.count("stablehlo.convolution") == convolutions[platform], platform
     if cpu_only_op:
@@ -373,8 +375,10 @@ def test_cpu_convolutions_inflated_exactly_where_measured_faster(
     x = jax.ShapeDtypeStruct((batch, c_in, hw, hw), dtype)
     w = jax.ShapeDtypeStruct((c_out, c_in, 3, 3), dtype)
     config = conv_config(x, w, stride=stride, padding=1)
-    assert set(fast.describe("conv2d", x, w, stride=stride, padding=1).values()) == {"inflated"}
-    evaluate = fast_conv.dispatch(_conv.TEXTBOOK, w.shape, config)
+    with hg.fast_paths(True):
+        assert set(fast.describe("conv2d", x, w, stride=stride, padding=1).values()) == {
+            "inflated"}
+        evaluate = fast_conv.dispatch(_conv.TEXTBOOK, w.shape, config)
     g = jax.eval_shape(lambda x, w: hg.conv2d(x, w, stride=stride, padding=1), x, w)
     formulas = {
         "fwd": (lambda x, w: evaluate.forward(x, w, config), (x, w)),

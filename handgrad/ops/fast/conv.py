@@ -135,13 +135,14 @@ def _on_cpu(tuned: Callable, elsewhere: Callable, n_arrays: int) -> Callable:
 
 def _cpu_formulas(paths: ConvPaths, textbook, w_shape, config):
     """The evaluations ``paths`` names (``textbook`` with its fields replaced)."""
+    if paths.forward == "per_group":
+        return _per_group_formulas(textbook, w_shape, config)
+    # "inflated": the textbook forward and dx, and dw's convolution, by `inflated`
     inflated_forward = partial(textbook.forward, convolution=partial(inflated, inflate="wide"))
     inflated_input_grad = partial(textbook.input_grad,
                                   convolution=partial(inflated, inflate="wide"))
     inflated_weight_grad = partial(convolution_weight_grad,
                                    convolution=partial(inflated, inflate="dw"))
-    if paths.forward == "per_group":
-        return _per_group_formulas(textbook, w_shape, config)
     forward = {"pointwise": pointwise_forward, "banded": banded_forward,
                "depthwise": depthwise_forward, "inflated": inflated_forward}
     input_grad = {"pointwise": pointwise_input_grad, "col2im": col2im_input_grad,
