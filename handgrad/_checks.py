@@ -93,3 +93,123 @@ def pair(op: str, name: str, value, *, minimum: int = 1) -> tuple[int, int]:
     if min(result) < minimum:
         raise ValueError(f"{op}: `{name}` must be >= {minimum}, got {value!r}.")
     return result
+
+
+# --- layer arguments (shared by the ops and handgrad.reference) ----------------------------
+
+
+def check_dense_args(op: str, x, w, b) -> None:
+    for name, arr in (("x", x), ("w", w)):
+        check_floating(op, name, arr)
+    check_min_rank(op, "x", x, 1, "(..., n_in)")
+    check_rank(op, "w", w, 2, "(n_out, n_in)")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"{op}: x has {x.shape[-1]} features but w expects {w.shape[1]} "
+            f"(x {tuple(x.shape)}, w {tuple(w.shape)}; w is (n_out, n_in))."
+        )
+    check_bias(op, b, w, "n_out")
+
+
+def check_bias(op: str, b, w, name: str) -> None:
+    """`b`, when given, is a floating (w.shape[0],) vector."""
+    if b is None:
+        return
+    check_floating(op, "b", b)
+    if tuple(b.shape) != (w.shape[0],):
+        raise ValueError(
+            f"{op}: `b` must have shape ({name},) = ({w.shape[0]},) to match w "
+            f"{tuple(w.shape)}, got {tuple(b.shape)}."
+        )
+
+
+def check_nchw(op: str, x) -> None:
+    check_floating(op, "x", x)
+    check_rank(op, "x", x, 4, "(N, C, H, W)")
+
+
+def check_conv2d_args(op: str, x, w, b, groups) -> None:
+    """x (N, C, H, W), w (O, C/groups, kh, kw), b (O,) or None, groups dividing C and O."""
+    check_nchw(op, x)
+    check_floating(op, "w", w)
+    check_rank(op, "w", w, 4, "(O, C/groups, kh, kw)")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: `groups` must be a positive int, got {groups!r}.")
+    o, cg = w.shape[:2]
+    c = x.shape[1]
+    if o % groups:
+        raise ValueError(
+            f"{op}: the output channels of w ({o}, w {tuple(w.shape)}) must be divisible by "
+            f"`groups` (={groups})."
+        )
+    if cg * groups != c:
+        raise ValueError(
+            f"{op}: x has {c} channels but w expects C/groups·groups = {cg}·{groups} = "
+            f"{cg * groups} (x {tuple(x.shape)}, w {tuple(w.shape)})."
+        )
+    check_bias(op, b, w, "O")
+
+
+def check_padding(op: str, padding) -> None:
+    """int | (ph, pw) | ((top, bottom), (left, right)), non-negative, or "VALID" | "SAME"."""
+    if isinstance(padding, str):
+        if padding.upper() not in ("VALID", "SAME"):
+            raise ValueError(
+                f"{op}: `padding` string must be 'VALID' or 'SAME', got {padding!r}.")
+        return
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    is_pair = lambda p, of: (  # noqa: E731
+        isinstance(p, tuple | list) and len(p) == 2 and all(map(of, p)))
+    if is_int(padding):
+        values = [padding]
+    elif is_pair(padding, is_int):
+        values = list(padding)
+    elif is_pair(padding, lambda p: is_pair(p, is_int)):
+        values = [v for p in padding for v in p]
+    else:
+        raise TypeError(
+            f"{op}: `padding` must be an int, (ph, pw), ((top, bottom), (left, right)), "
+            f"'VALID' or 'SAME', got {padding!r}."
+        )
+    if min(values) < 0:
+        raise ValueError(f"{op}: `padding` must be non-negative, got {padding!r}.")
+
+
+def check_window_fits(op: str, x, kernel_eff, pads, kernel_name: str) -> None:
+    """Each window (`kernel_eff` = its reach, dilation included) fits in the padded input."""
+    for axis, (size, k, (lo, hi)) in enumerate(zip(x.shape[2:], kernel_eff, pads)):
+        padded = size + lo + hi
+        if k > padded:
+            dim = "height" if axis == 0 else "width"
+            raise ValueError(
+                f"{op}: the {kernel_name} ({k} along {dim}, dilation included) is larger than "
+                f"the padded input ({padded} = {size} + {lo} + {hi}); x has shape "
+                f"{shape_of(x)}."
+            )
+
+
+def check_pool_padding(op: str, x, window, pads) -> None:
+    """Max pooling: at most half a window of padding on each side."""
+    for k, (lo, hi) in zip(window, pads):
+        if max(lo, hi) > k // 2:
+            # Beyond half a window, some window can lie entirely in the padding: its max
+            # would be -inf and its gradient would vanish into the padding.
+            raise ValueError(
+                f"{op}: `padding` {tuple(map(tuple, pads))} must be at most half the window "
+                f"{tuple(window)} on each side (x {shape_of(x)})."
+            )
+
+
+def check_norm_args(op: str, x, gamma, beta, axis: int, features_name="x.shape[axis]") -> int:
+    """Check a normalization's x, gamma, beta; return `axis` made non-negative."""
+    check_floating(op, "x", x)
+    check_min_rank(op, "x", x, 2, "(N, F, ...)")
+    axis = check_axis(op, x, axis)
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        check_floating(op, name, p)
+        if tuple(p.shape) != (x.shape[axis],):
+            raise ValueError(
+                f"{op}: `{name}` must have shape ({features_name},) = ({x.shape[axis]},) for x "
+                f"{tuple(x.shape)}, got {tuple(p.shape)}."
+            )
+    return axis

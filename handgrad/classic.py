@@ -1,6 +1,6 @@
 r"""The notes' L-layer network, written literally: column-major, plain ``jax.numpy``.
 
-Samples are **columns** here, exactly as in seeds 000 and 002: ``X`` is ``(n0, m)``, ``W[l]`` is
+Samples are **columns** here, exactly as in notes 000 and 002: ``X`` is ``(n0, m)``, ``W[l]`` is
 ``(n_l, n_{l-1})``, ``b[l]`` is ``(n_l, 1)``, ``A[l]`` and ``Z[l]`` are ``(n_l, m)``. Nothing here
 is a ``custom_vjp`` and nothing calls ``jax.grad``: :func:`backward` is the notes' loop, line by
 line. The batch-first ops (``hg.dense`` …) compute the same numbers with every formula transposed
@@ -28,7 +28,7 @@ OUTPUT = ("sigmoid", "softmax")
 
 
 class Cache(NamedTuple):
-    """What layer ``l``'s forward keeps for its backward (seed 000's "cache")."""
+    """What layer ``l``'s forward keeps for its backward (note 000's "cache")."""
 
     A_prev: jax.Array  # (n_{l-1}, m): for dW = dZ·A_prevᵀ/m
     W: jax.Array  # (n_l, n_{l-1}): for dA_prev = Wᵀ·dZ
@@ -46,11 +46,11 @@ def _num_layers(params: dict) -> int:
     return len(params) // 2
 
 
-# --- activations g and their derivatives g' (seed 002 eqs. 7-8; seed 001) ---------------------
+# --- activations g and their derivatives g' (note 002 eqs. 7-8; note 001) ---------------------
 
 
 def sigmoid(Z):
-    r"""σ(Z) = 1 / (1 + e^{−Z}), elementwise (seed 002 eq. 7)."""
+    r"""σ(Z) = 1 / (1 + e^{−Z}), elementwise (note 002 eq. 7)."""
     return 1 / (1 + jnp.exp(-Z))
 
 
@@ -60,7 +60,7 @@ def relu(Z):
 
 
 def softmax(Z):
-    r"""Column-wise softmax a_j = e^{z_j} / Σ_k e^{z_k}, over the class axis 0 (seed 001)."""
+    r"""Column-wise softmax a_j = e^{z_j} / Σ_k e^{z_k}, over the class axis 0 (note 001)."""
     # Shifting each column by its max changes nothing mathematically and keeps exp() finite.
     e = jnp.exp(Z - jnp.max(Z, axis=0, keepdims=True))
     return e / jnp.sum(e, axis=0, keepdims=True)
@@ -72,8 +72,8 @@ _G = {"relu": relu, "tanh": jnp.tanh, "sigmoid": sigmoid, "softmax": softmax}
 def activation_derivative(Z, hidden: str = "relu"):
     r"""g'(Z) for a hidden layer, elementwise.
 
-    relu'(Z) = 1 for Z ≥ 0, else 0 (seed 001: the derivative at exactly 0 is 1);
-    tanh'(Z) = 1 − tanh²(Z); σ'(Z) = σ(Z)(1 − σ(Z)) (seed 002 eq. 8).
+    relu'(Z) = 1 for Z ≥ 0, else 0 (note 001: the derivative at exactly 0 is 1);
+    tanh'(Z) = 1 − tanh²(Z); σ'(Z) = σ(Z)(1 − σ(Z)) (note 002 eq. 8).
 
     Derivation: docs/derivations.md §6.
     """
@@ -125,7 +125,7 @@ def initialize(layer_dims, key, scale: str | float = "he") -> dict:
 
 
 def forward(X, params: dict, hidden: str = "relu", output: str = "sigmoid"):
-    r"""Forward pass, seed 002 eqs. 33-34, for l = 1 … L with ``A[0] = X``:
+    r"""Forward pass, note 002 eqs. 33-34, for l = 1 … L with ``A[0] = X``:
 
     .. math:: Z^{[l]} = W^{[l]} A^{[l-1]} + b^{[l]}, \qquad A^{[l]} = g^{[l]}(Z^{[l]})
 
@@ -157,7 +157,7 @@ def forward(X, params: dict, hidden: str = "relu", output: str = "sigmoid"):
 
 
 def cost(AL, Y, output: str = "sigmoid"):
-    r"""The mean cost :math:`J = \frac1m \sum_i L(y^{(i)}, \hat y^{(i)})` (seed 002 eq. 76).
+    r"""The mean cost :math:`J = \frac1m \sum_i L(y^{(i)}, \hat y^{(i)})` (note 002 eq. 76).
 
     sigmoid output, log-loss (eq. 1) summed over the ``k`` output rows:
     :math:`L = -\sum_j y_j \log a_j + (1-y_j)\log(1-a_j)`;
@@ -192,7 +192,7 @@ def cost(AL, Y, output: str = "sigmoid"):
 
 
 def linear_backward(dZ, cache: Cache):
-    r"""The linear part of layer l's backward (seed 000; seed 002 eqs. 79-81, 83-84).
+    r"""The linear part of layer l's backward (note 000; note 002 eqs. 79-81, 83-84).
 
     .. math::
         dW = \tfrac1m\, dZ\, A_{prev}^\top, \quad
@@ -215,7 +215,7 @@ def linear_backward(dZ, cache: Cache):
 
 
 def backward(AL, Y, caches, hidden: str = "relu", output: str = "sigmoid") -> dict:
-    r"""Backward pass, seed 000 and seed 002 eqs. 77-84.
+    r"""Backward pass, note 000 and note 002 eqs. 77-84.
 
     Output layer (sigmoid + log-loss, or softmax + cross-entropy): :math:`dZ^{[L]} = A^{[L]} - Y`.
     Then for l = L … 1: ``dA_prev, dW[l], db[l] = linear_backward(dZ[l])`` and, for the hidden
@@ -236,7 +236,7 @@ def backward(AL, Y, caches, hidden: str = "relu", output: str = "sigmoid") -> di
     # dZ = A − Y holds for exactly these two pairs; `output` only has to be one of them.
     _check_choice("output", output, OUTPUT)
     grads = {}
-    dZ = AL - Y  # seed 000: dZ[L] = A[L] − Y (the loss and output derivative fused)
+    dZ = AL - Y  # note 000: dZ[L] = A[L] − Y (the loss and output derivative fused)
     for l in range(len(caches), 0, -1):
         dA_prev, grads[f"dW{l}"], grads[f"db{l}"] = linear_backward(dZ, caches[l - 1])
         if l > 1:
@@ -245,7 +245,7 @@ def backward(AL, Y, caches, hidden: str = "relu", output: str = "sigmoid") -> di
 
 
 def update(params: dict, grads: dict, learning_rate: float) -> dict:
-    r"""One gradient-descent step, seed 002 eqs. 42-43: ``W ← W − α·dW``, ``b ← b − α·db``.
+    r"""One gradient-descent step, note 002 eqs. 42-43: ``W ← W − α·dW``, ``b ← b − α·db``.
 
     Returns a new dict; ``params`` is left as it was.
 

@@ -5,8 +5,13 @@ This is what ``jax.grad`` differentiates when handgrad checks a hand-written bac
 signatures, same forward values (and the same input checks) as the ops in ``handgrad``.
 
 Two conventions are built into the formulas so that autodiff agrees with the hand rules:
-``relu``/``leaky_relu`` use ``where(z >= 0, …)``, whose derivative at exactly 0 is 1 (seed 001),
+``relu``/``leaky_relu`` use ``where(z >= 0, …)``, whose derivative at exactly 0 is 1 (note 001),
 and the losses sum over features and average over the batch.
+
+It shares nothing with the ops but their argument checks (``handgrad._checks``, which raise
+and compute nothing): padding, output sizes and windows come from JAX's own
+``lax.padtype_to_pads``, ``lax.conv_general_dilated`` and ``lax.reduce_window``, so that a
+mistake in the ops' window arithmetic would show in every comparison with this module.
 """
 
 from __future__ import annotations
@@ -16,15 +21,15 @@ import jax.numpy as jnp
 from jax.scipy.special import xlog1py, xlogy
 
 from handgrad import _attention_checks, _checks
-from handgrad.ops import _activations, _conv, _dense, _norm, _pooling
+from handgrad._stats import BatchNormStats
 
 
 def dense(x, w, b=None):
     x, w = jnp.asarray(x), jnp.asarray(w)
     b = None if b is None else jnp.asarray(b)
-    _dense.check_dense_args("dense", x, w, b)
+    _checks.check_dense_args("dense", x, w, b)
     z = jnp.matmul(x, w.T)
-    return z if b is None else z + _dense.broadcast_bias(b, z.ndim)
+    return z if b is None else z + b.reshape((1,) * (z.ndim - 1) + b.shape)
 
 
 def flatten(x):
@@ -53,8 +58,13 @@ def leaky_relu(z, negative_slope: float = 0.01):
     return jnp.where(z >= 0, z, negative_slope * z)
 
 
+def _accumulation_dtype(dtype):
+    """float32 for 16-bit floats, as the ops accumulate."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+
 def _acc(z):
-    return z.astype(_activations.accumulation_dtype(z.dtype))
+    return z.astype(_accumulation_dtype(z.dtype))
 
 
 def log_softmax(z, axis: int = -1):
@@ -103,11 +113,27 @@ def squared_error(pred, target):
 
 
 
+def _pads(op, padding, in_hw, reach, stride):
+    """((top, bottom), (left, right)): "SAME"/"VALID" by lax.padtype_to_pads, the rest as given."""
+    _checks.check_padding(op, padding)
+    if isinstance(padding, str):
+        return tuple(jax.lax.padtype_to_pads(in_hw, reach, stride, padding.upper()))
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    if isinstance(padding[0], int):
+        return ((padding[0], padding[0]), (padding[1], padding[1]))
+    return tuple(tuple(p) for p in padding)
+
+
 def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
     x, w = jnp.asarray(x), jnp.asarray(w)
     b = None if b is None else jnp.asarray(b)
-    stride, pads, dilation, groups, _ = _conv.conv2d_config(
-        "conv2d", x, w, b, stride, padding, dilation, groups)
+    _checks.check_conv2d_args("conv2d", x, w, b, groups)
+    stride = _checks.pair("conv2d", "stride", stride)
+    dilation = _checks.pair("conv2d", "dilation", dilation)
+    reach = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
+    pads = _pads("conv2d", padding, x.shape[2:], reach, stride)
+    _checks.check_window_fits("conv2d", x, reach, pads, "kernel")
     z = jax.lax.conv_general_dilated(
         x, w, window_strides=stride, padding=pads, rhs_dilation=dilation,
         dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=groups,
@@ -115,36 +141,41 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
     return z if b is None else z + b.reshape(1, -1, 1, 1)
 
 
-def _reduce_window(x, init, reducer, window, stride, pads):
+def _pool(op, x, init, reducer, window, stride, padding, at_most_half_window=False):
+    x = jnp.asarray(x)
+    _checks.check_nchw(op, x)
+    window = _checks.pair(op, "window", window)
+    stride = window if stride is None else _checks.pair(op, "stride", stride)
+    pads = _pads(op, padding, x.shape[2:], window, stride)
+    if at_most_half_window:
+        _checks.check_pool_padding(op, x, window, pads)
+    _checks.check_window_fits(op, x, window, pads, "window")
     # A Python-scalar identity lets JAX recognize the max/add monoid and pick the
     # differentiable reduce_window_max / reduce_window_sum primitives.
-    return jax.lax.reduce_window(
-        x, init, reducer, (1, 1, *window), (1, 1, *stride),
-        ((0, 0), (0, 0), *pads),
-    )
+    out = jax.lax.reduce_window(x, init, reducer, (1, 1, *window), (1, 1, *stride),
+                                ((0, 0), (0, 0), *pads))
+    return out, window
 
 
 def max_pool2d(x, window, stride=None, padding=0):
-    x = jnp.asarray(x)
-    window, stride, pads, _, _ = _pooling.pool_config(
-        "max_pool2d", x, window, stride, padding, pad_at_most_half_window=True)
     # What jax.grad differentiates: reduce_window max, whose VJP XLA runs as select-and-scatter.
-    return _reduce_window(x, -jnp.inf, jax.lax.max, window, stride, pads)
+    out, _ = _pool("max_pool2d", x, -jnp.inf, jax.lax.max, window, stride, padding,
+                   at_most_half_window=True)
+    return out
 
 
 def avg_pool2d(x, window, stride=None, padding=0):
-    x = jnp.asarray(x)
-    window, stride, pads, _, _ = _pooling.pool_config("avg_pool2d", x, window, stride, padding)
-    return _reduce_window(x, 0.0, jax.lax.add, window, stride, pads) / (window[0] * window[1])
+    total, (kh, kw) = _pool("avg_pool2d", x, 0.0, jax.lax.add, window, stride, padding)
+    return total / (kh * kw)
 
 
 def batch_norm(x, gamma, beta, *, axis=1, eps=1e-5, momentum=0.1, running_mean=None,
                running_var=None, training=True):
     x, gamma, beta = jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)
-    axis = _norm._check_norm_args("batch_norm", x, gamma, beta, axis)
+    axis = _checks.check_norm_args("batch_norm", x, gamma, beta, axis)
     shape = tuple(x.shape[axis] if i == axis else 1 for i in range(x.ndim))
     reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
-    stat_dtype = _activations.accumulation_dtype(x.dtype)
+    stat_dtype = _accumulation_dtype(x.dtype)
     features = x.shape[axis]
     mean = jnp.zeros((features,), stat_dtype) if running_mean is None else running_mean
     var = jnp.ones((features,), stat_dtype) if running_var is None else running_var
@@ -155,11 +186,11 @@ def batch_norm(x, gamma, beta, *, axis=1, eps=1e-5, momentum=0.1, running_mean=N
     else:
         mu, sigma2 = mean.reshape(shape), var.reshape(shape)
     y = gamma.reshape(shape) * (xf - mu) / jnp.sqrt(sigma2 + eps) + beta.reshape(shape)
-    stats = _norm.BatchNormStats(mean, var)
+    stats = BatchNormStats(mean, var)
     if training:
         m = x.size // features
         xs = jax.lax.stop_gradient(xf)
-        stats = _norm.BatchNormStats(
+        stats = BatchNormStats(
             (1 - momentum) * mean + momentum * jnp.mean(xs, axis=reduce_axes),
             (1 - momentum) * var + momentum * jnp.var(xs, axis=reduce_axes) * m / max(m - 1, 1),
         )
@@ -168,7 +199,7 @@ def batch_norm(x, gamma, beta, *, axis=1, eps=1e-5, momentum=0.1, running_mean=N
 
 def layer_norm(x, gamma, beta, eps=1e-5):
     x, gamma, beta = jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)
-    _norm._check_norm_args("layer_norm", x, gamma, beta, -1, "x.shape[-1]")
+    _checks.check_norm_args("layer_norm", x, gamma, beta, -1, "x.shape[-1]")
     xf = _acc(x)
     mu = jnp.mean(xf, axis=-1, keepdims=True)
     sigma2 = jnp.mean((xf - mu) ** 2, axis=-1, keepdims=True)

@@ -202,7 +202,7 @@ def _staged():
 
 
 def _softmax_example():
-    # Seed 001: a = [0.0903, 0.2447, 0.665], true class 2 of 3 -> dz = a − y. The seed's a is
+    # Note 001: a = [0.0903, 0.2447, 0.665], true class 2 of 3 -> dz = a − y. The note's a is
     # softmax of log a; one example (m = 1), so no 1/m.
     logits = jnp.log(jnp.array([[0.0903, 0.2447, 0.665]]))
     dz = jax.grad(hg.softmax_cross_entropy)(logits, jnp.array([1]))
@@ -211,9 +211,9 @@ def _softmax_example():
 
 
 WORKED_EXAMPLES: dict[str, Callable] = {
-    "seed 003 sigmoid neuron": _sigmoid_neuron,
-    "seed 003 staged f(x, y)": _staged,
-    "seed 001 softmax + CE": _softmax_example,
+    "note 003 sigmoid neuron": _sigmoid_neuron,
+    "note 003 staged f(x, y)": _staged,
+    "note 001 softmax + CE": _softmax_example,
 }
 
 

@@ -28,7 +28,8 @@ from handgrad.ops import fast
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench.py"
 
-TARGET_KEYS = {"lenet5", "mlp", "max_pool_bwd", "conv_bwd", "grouped_dw", "residual_memory"}
+TARGET_KEYS = {"lenet5", "mlp", "max_pool_bwd", "conv_bwd", "grouped_dw", "residual_memory",
+               "recurrent", "recurrent_memory", "attention", "flash", "flash_memory"}
 STAT_KEYS = {"median_ms", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "max_ms", "samples_ms",
              "compile_ms", "first_run_ms", "warmup_ms", "calls_per_sample", "rounds"}
 TINY = harness.Settings(rounds=2, min_rounds=2, budget_s=0.0, sample_ms=0.1)
@@ -105,8 +106,9 @@ def test_json_structure(quick_run):
 def test_memory_and_targets(quick_run):
     out, _, _ = quick_run
     data = json.loads((out / "bench.json").read_text())
-    assert {m["name"] for m in data["memory"]} == {"memory-mlp", "memory-lenet5",
-                                                     "memory-max_pool"}
+    assert {m["name"] for m in data["memory"]} == {
+        "memory-mlp", "memory-lenet5", "memory-max_pool", "memory-lstm", "memory-gru",
+        "memory-flash", "memory-flash-T64", "memory-flash-T128"}
     for m in data["memory"]:
         for variant in ("hand", "autodiff"):
             rec = m["variants"][variant]

@@ -1,5 +1,5 @@
-"""Convolution and pooling: seed 004's formulas in plain NumPy loops, and the properties of
-seeds 000/001 (sum preservation, first-max routing, the integer "max id" residual).
+"""Convolution and pooling: note 004's formulas in plain NumPy loops, and the properties of
+notes 000/001 (sum preservation, first-max routing, the integer "max id" residual).
 
 The registry-driven tests (tests/test_ops.py) already compare every registered conv/pool case
 with autodiff and finite differences; this file checks the hand rules against independent,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import zlib
 from functools import partial
 
 import jax
@@ -22,6 +23,7 @@ import pytest
 
 import handgrad as hg
 from handgrad import registry
+from handgrad.ops import fast
 
 TIGHT = 1e-12  # float64, relative to the largest magnitude
 
@@ -52,7 +54,7 @@ def pads_of(padding):
 
 
 def np_correlate_valid(y, w, stride=1):
-    """Seed 004's forward: x[i, j] = Σ_a Σ_b w[a, b] · y[i·s + a, j·s + b]."""
+    """Note 004's forward: x[i, j] = Σ_a Σ_b w[a, b] · y[i·s + a, j·s + b]."""
     kh, kw = w.shape
     ho = (y.shape[0] - kh) // stride + 1
     wo = (y.shape[1] - kw) // stride + 1
@@ -182,7 +184,7 @@ def vjp_single(x, w, b, g, **kwargs):
     return out, dx, dw, db
 
 
-# --- 1. seed 004 in NumPy loops ---------------------------------------------------------------
+# --- 1. note 004 in NumPy loops ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("in_hw, k_hw, stride, padding", [
@@ -213,88 +215,85 @@ def test_conv2d_single_channel_matches_seed004_loops(in_hw, k_hw, stride, paddin
     assert_close(db, [delta.sum()], what="db")
 
 
-def _conv_paths_of_registered_cases():
-    """(paths, (groups, per-group paths)) of every registered conv2d case; the second is None
-    unless the case is evaluated group by group."""
+CONV_CASES = registry.REGISTRY["conv2d"].cases
+
+
+def conv_config(x, w, b=None, **kwargs):
     from handgrad.ops import _conv
 
-    paths = []
-    for case in registry.REGISTRY["conv2d"].cases:
-        x, w, *b = case.make_args(jax.random.PRNGKey(0), jnp.float32)
-        kwargs = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, **case.kwargs}
-        config = _conv.conv2d_config("conv2d", x, w, b[0] if b else None, **kwargs)
-        case_paths = _conv.evaluation_paths(w.shape, config)
-        per_group = ((kwargs["groups"], _conv.group_paths(w.shape, config)[1])
-                     if case_paths.forward == "per_group" else None)
-        paths.append((case_paths, per_group))
-    return paths
+    kwargs = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, **kwargs}
+    return _conv.conv2d_config("conv2d", x, w, b, **kwargs)
 
 
 def test_registered_conv_cases_exercise_every_evaluation_path():
-    """derivations §4.6: each formula has several evaluations chosen by shape; the registry's
-    cases (checked against autodiff and finite differences in test_ops) must reach all of
-    them — and, inside a grouped convolution, every ungrouped one a group can take — so that a
-    threshold change cannot leave a path untested."""
-    from handgrad.ops import _conv
+    """docs/performance.md#conv2d: on CPU each formula has several evaluations chosen by shape;
+    the registry's cases (checked against autodiff and finite differences in test_ops, with
+    fast paths on and off) must reach all of them — and, inside a grouped convolution, every
+    ungrouped one a group can take — so that a threshold change cannot leave a path untested."""
+    from handgrad.ops.fast import conv as fast_conv
 
-    cases = _conv_paths_of_registered_cases()
-    paths = [case_paths for case_paths, _ in cases]
-    # "xla" (and "per_tap", a grouped dw) are the evaluations off the CPU only:
-    # test_off_cpu_evaluations_agree_on_cpu runs them
-    assert {p.forward for p in paths} == set(_conv._FORWARD) - {"xla"} == {
+    described, grouped = [], []
+    for case in CONV_CASES:
+        x, w, *b = jax.eval_shape(
+            lambda case=case: case.make_args(jax.random.PRNGKey(0), jnp.float32))
+        config = conv_config(x, w, **case.kwargs)
+        with hg.fast_paths(True):
+            paths = fast_conv.describe(w.shape, config, "cpu")  # what lowering for CPU takes
+            if jax.default_backend() == "cpu":
+                assert fast.describe("conv2d", x, w, *b, **case.kwargs) == paths
+        described.append(paths)
+        if paths["forward"] == "per_group":
+            grouped.append((config.groups, fast_conv.group_paths(w.shape, config)[1]))
+    assert {p["forward"] for p in described} == {
         "pointwise", "banded", "depthwise", "inflated", "per_group"}
-    assert {p.input_grad for p in paths} == set(_conv._INPUT_GRAD) - {"xla"} == {
+    assert {p["input_grad"] for p in described} == {
         "pointwise", "col2im", "depthwise", "inflated", "per_group"}
-    assert {p.weight_grad for p in paths} == set(_conv._WEIGHT_GRAD) - {"xla", "per_tap"} == {
+    assert {p["weight_grad"] for p in described} == {
         "pointwise", "banded", "depthwise", "inflated", "per_group"}
-    grouped = [per_group for _, per_group in cases if per_group is not None]
     groups = [paths for _, paths in grouped]
     assert {p.forward for p in groups} == {"pointwise", "banded", "inflated"}
     assert {p.input_grad for p in groups} == {"pointwise", "col2im", "inflated"}
     assert {p.weight_grad for p in groups} == {"pointwise", "banded", "inflated"}
     # both ways of looping over the groups: unrolled, and lax.map beyond UNROLLED_GROUPS
     group_counts = [count for count, _ in grouped]
-    assert min(group_counts) <= _conv.UNROLLED_GROUPS < max(group_counts)
+    assert min(group_counts) <= fast_conv.UNROLLED_GROUPS < max(group_counts)
 
 
-@pytest.mark.parametrize("case_index", range(len(registry.REGISTRY["conv2d"].cases)),
-                         ids=[case.id for case in registry.REGISTRY["conv2d"].cases])
-def test_off_cpu_evaluations_agree_on_cpu(case_index):
-    """Off the CPU every formula is XLA's convolution (grouped dw: the per-tap contraction),
-    a branch lowering drops on CPU, so CPU-only runs would never execute it. Called directly
-    here, in float64 on fresh random inputs, each must equal the CPU path of every registered
-    case — so the GPU/TPU branch is checked for each shape the CPU paths are."""
+@pytest.mark.parametrize("case_index", [i for i, case in enumerate(CONV_CASES)
+                                        if case.kwargs.get("groups", 1) == 1],
+                         ids=lambda i: CONV_CASES[i].id)
+def test_off_cpu_weight_grad_agrees_on_cpu(case_index):
+    """Off the CPU the forward and dx are the textbook evaluations (run on CPU by test_ops with
+    fast paths off), and so is a grouped dw; an ungrouped dw is XLA's convolution, a branch
+    that lowering drops on CPU, so CPU-only runs would never execute it. Called directly here,
+    in float64, it must equal the textbook dw for every registered ungrouped case."""
     from handgrad.ops import _conv
+    from handgrad.ops.fast import conv as fast_conv
 
-    case = registry.REGISTRY["conv2d"].cases[case_index]
-    x, w, *b = case.make_args(jax.random.PRNGKey(100 + case_index), jnp.float64)
-    kwargs = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, **case.kwargs}
-    config = _conv.conv2d_config("conv2d", x, w, b[0] if b else None, **kwargs)
-    paths = _conv.evaluation_paths(w.shape, config)
-    z = _conv._FORWARD[paths.forward](x, w, config)
-    g = jax.random.normal(jax.random.PRNGKey(200 + case_index), z.shape, jnp.float64)
-    elsewhere_dw = _conv.off_cpu_weight_grad(config)  # what conv2d_weight_grad lowers to
-    assert elsewhere_dw == ("per_tap" if kwargs["groups"] > 1 else "xla")
-    assert_close(_conv._FORWARD["xla"](x, w, config), z, what=f"forward {paths.forward}")
-    assert_close(_conv._INPUT_GRAD["xla"](g, w, config),
-                 _conv._INPUT_GRAD[paths.input_grad](g, w, config),
-                 what=f"dx {paths.input_grad}")
-    assert_close(_conv._WEIGHT_GRAD[elsewhere_dw](x, g, w.shape, config),
-                 _conv._WEIGHT_GRAD[paths.weight_grad](x, g, w.shape, config),
-                 what=f"dw {paths.weight_grad} vs {elsewhere_dw}")
+    case = CONV_CASES[case_index]
+    seed = zlib.crc32(case.id.encode())
+    k_args, k_g = jax.random.split(jax.random.PRNGKey(seed))
+    x, w, *_ = case.make_args(k_args, jnp.float64)
+    config = conv_config(x, w, **case.kwargs)
+    g = jax.random.normal(k_g, (x.shape[0], w.shape[0], *config.out_hw), jnp.float64)
+    both = jax.jit(lambda x, g: (fast_conv.convolution_weight_grad(x, g, w.shape, config),
+                                 _conv.weight_grad(x, g, w.shape, config)))
+    assert_close(*both(x, g), what=f"dw, seed {seed}")
 
 
 def test_group_col2im_bounds():
     """A group's dx takes col2im only with ≤ GROUP_COL2IM_CHANNELS input channels and at most
-    GROUP_COL2IM_GROUPS groups (measured, derivations §4.6); alone, C = 8 still takes it."""
-    from handgrad.ops import _conv
+    GROUP_COL2IM_GROUPS groups (docs/performance.md#conv2d-per-group); alone, C = 8 still
+    takes it."""
+    from handgrad.ops.fast import conv as fast_conv
 
     def dx_path(c, o, groups, stride=1):
         x = jax.ShapeDtypeStruct((2, c, 8, 8), jnp.float32)
         w = jax.ShapeDtypeStruct((o, c // groups, 3, 3), jnp.float32)
-        config = _conv.conv2d_config("conv2d", x, w, None, stride, 1, 1, groups)
-        paths = _conv.evaluation_paths(w.shape, config)
-        return paths.input_grad if groups == 1 else _conv.group_paths(w.shape, config)[1].input_grad
+        config = conv_config(x, w, stride=stride, padding=1, groups=groups)
+        if groups == 1:
+            return fast_conv.evaluation_paths(w.shape, config).input_grad
+        return fast_conv.group_paths(w.shape, config)[1].input_grad
 
     assert dx_path(8, 8, 1) == "col2im"
     assert dx_path(16, 16, 4) == "col2im" and dx_path(32, 32, 16) == "col2im"
@@ -320,24 +319,36 @@ def test_group_col2im_bounds():
 ])
 def test_cpu_tuned_conv_paths_lower_to_xla_convolutions_elsewhere(
         x_shape, w_shape, kwargs, convolutions, cpu_only_op):
-    """The paths of derivations §4.6 were measured on CPU only: lowered for a GPU, the
-    forward and VJP must be XLA's convolutions (cuDNN); lowered for the CPU, the paths."""
+    """The fast paths were measured on CPU only: lowered for a GPU, the forward and VJP must
+    be XLA's convolutions (cuDNN; a grouped dw per tap); lowered for the CPU, the paths. With
+    fast paths off, both platforms get the textbook: forward and dx one convolution each, dw
+    per kernel tap."""
     from jax import export
-
-    def forward_and_vjp(x, w, ct):
-        z, backward = jax.vjp(lambda x, w: hg.conv2d(x, w, **kwargs), x, w)
-        return z, backward(ct)
 
     x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
     w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
     ct = jax.eval_shape(lambda x, w: hg.conv2d(x, w, **kwargs), x, w)
-    programs = {platform: export.export(jax.jit(forward_and_vjp), platforms=[platform])(
-        x, w, ct).mlir_module() for platform in ("cuda", "cpu")}
-    for platform, program in programs.items():
+
+    def programs():
+        def forward_and_vjp(x, w, ct):  # a new function: jit caches traces per function
+            z, backward = jax.vjp(lambda x, w: hg.conv2d(x, w, **kwargs), x, w)
+            return z, backward(ct)
+
+        return {platform: export.export(jax.jit(forward_and_vjp), platforms=[platform])(
+            x, w, ct).mlir_module() for platform in ("cuda", "cpu")}
+
+    with hg.fast_paths(True):
+        tuned = programs()
+    for platform, program in tuned.items():
         assert program.count("stablehlo.convolution") == convolutions[platform], platform
     if cpu_only_op:
-        assert cpu_only_op in programs["cpu"]
-        assert cpu_only_op not in programs["cuda"]
+        assert cpu_only_op in tuned["cpu"]
+        assert cpu_only_op not in tuned["cuda"]
+    with hg.fast_paths(False):
+        textbook = programs()
+    for platform, program in textbook.items():
+        assert program.count("stablehlo.convolution") == 2, platform
+        assert program.count("stablehlo.dot_general") == w_shape[2] * w_shape[3], platform
 
 
 @pytest.mark.parametrize("batch, c_in, c_out, hw, stride, dtype, inflated", [
@@ -355,19 +366,24 @@ def test_cpu_convolutions_inflated_exactly_where_measured_faster(
     """On CPU, XLA's convolution is written with base dilation 2 where XLA:CPU would give it
     to YNNPACK and YNNPACK measured slower than Eigen's (float32, more than 16 images; dw
     always, forward and dx with more than 16 features on both sides); lowered for a GPU,
-    never (derivations §4.6)."""
+    never (docs/performance.md#conv2d-inflated). Each formula as the dispatch gives it."""
     from jax import export
 
     from handgrad.ops import _conv
+    from handgrad.ops.fast import conv as fast_conv
 
     x = jax.ShapeDtypeStruct((batch, c_in, hw, hw), dtype)
     w = jax.ShapeDtypeStruct((c_out, c_in, 3, 3), dtype)
-    config = _conv.conv2d_config("conv2d", x, w, None, stride, 1, 1, 1)
-    g = jax.eval_shape(lambda x, w: _conv._FORWARD["xla"](x, w, config), x, w)
+    config = conv_config(x, w, stride=stride, padding=1)
+    with hg.fast_paths(True):
+        assert set(fast.describe("conv2d", x, w, stride=stride, padding=1).values()) == {
+            "inflated"}
+        evaluate = fast_conv.dispatch(_conv.TEXTBOOK, w.shape, config)
+    g = jax.eval_shape(lambda x, w: hg.conv2d(x, w, stride=stride, padding=1), x, w)
     formulas = {
-        "fwd": (lambda x, w: _conv._FORWARD["inflated"](x, w, config), (x, w)),
-        "dx": (lambda g, w: _conv._INPUT_GRAD["inflated"](g, w, config), (g, w)),
-        "dw": (lambda x, g: _conv._WEIGHT_GRAD["inflated"](x, g, w.shape, config), (x, g)),
+        "fwd": (lambda x, w: evaluate.forward(x, w, config), (x, w)),
+        "dx": (lambda g, w: evaluate.input_grad(g, w, config), (g, w)),
+        "dw": (lambda x, g: evaluate.weight_grad(x, g, w.shape, config), (x, g)),
     }
     for name, (formula, args) in formulas.items():
         program = jax.jit(formula).lower(*args).as_text()
@@ -383,16 +399,14 @@ def test_cpu_convolutions_inflated_exactly_where_measured_faster(
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_inflated_convolution_is_the_same_sum(seed, monkeypatch):
+def test_inflated_convolution_is_the_same_sum(seed):
     """Spreading the input 2 apart and doubling padding, stride and window dilation reads the
-    same entries (derivations §4.6): float32, random shapes, strides, dilations, paddings
-    (negative ones too), both layouts, thresholds off so that every call inflates."""
+    same entries (docs/performance.md#conv2d-inflated): float32, random shapes, strides,
+    dilations, paddings (negative ones too), both layouts, inflated whatever the size."""
     from jax import lax
 
-    from handgrad.ops import _conv
+    from handgrad.ops.fast import conv as fast_conv
 
-    monkeypatch.setattr(_conv, "YNNPACK_MIN_FEATURES", 0)
-    monkeypatch.setattr(_conv, "INFLATE_MIN_IMAGES", 0)
     rng = np.random.default_rng(seed)
     n, c, o = rng.integers(1, 4, 3)
     kernel = rng.integers(1, 4, 2)
@@ -412,11 +426,10 @@ def test_inflated_convolution_is_the_same_sum(seed, monkeypatch):
     rhs = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
     conv = dict(window_strides=stride, padding=padding, rhs_dilation=dilation,
                 dimension_numbers=dimension_numbers)
-    program = jax.jit(lambda a, b: _conv._convolution(a, b, "dw", **conv)).lower(
-        lhs, rhs).as_text()
+    program = jax.jit(lambda a, b: fast_conv.inflated(a, b, **conv)).lower(lhs, rhs).as_text()
     assert "lhs_dilate = [2, 2]" in program
-    assert_close(_conv._convolution(lhs, rhs, "dw", **conv),
-                 lax.conv_general_dilated(lhs, rhs, **conv), 1e-5, what=str(conv))
+    assert_close(fast_conv.inflated(lhs, rhs, **conv),
+                 lax.conv_general_dilated(lhs, rhs, **conv), 1e-5, what=f"seed {seed}: {conv}")
 
 
 @pytest.mark.parametrize("x_shape, w_shape, kwargs", [
@@ -547,7 +560,7 @@ def test_avg_pool_2x2_gives_each_input_a_quarter_never_a_copy():
     for a in range(2):
         for b in range(2):
             np.testing.assert_array_equal(dx[:, :, a::2, b::2], g / 4)  # exact: a power of 2
-    assert not np.allclose(dx[:, :, ::2, ::2], g)  # the seed-000 error (a copy) would pass this
+    assert not np.allclose(dx[:, :, ::2, ::2], g)  # note 000's error (a copy) would pass this
 
 
 def test_avg_pool_3x3_overlapping_gives_one_ninth_per_window():
@@ -777,7 +790,7 @@ def test_max_pool_padding_never_wins_on_all_negative_inputs(kwargs):
     # and vs the NumPy routing with explicit padding amounts
     config = hg.ops._pooling.pool_config("max_pool2d", xj, kwargs["window"],
                                           kwargs.get("stride"), kwargs["padding"])
-    window, stride, pads = config[:3]
+    window, stride, pads = config.window, config.stride, config.padding
     want_y, where = np_max_pool_argmax(x, window, stride, pads)
     np.testing.assert_array_equal(y, want_y)
     assert_close(dx, np_max_pool_route(g, where, x.shape, pads), what="dx vs numpy")
@@ -964,7 +977,8 @@ def bf16_vs_f32(fn, args, ct):
     ((2, 68, 5, 6), (68, 2, 3, 3), dict(groups=34, padding=1)),  # per group by lax.map, banded
 ], ids=str)
 def test_conv2d_bfloat16_within_tolerance_of_float32(x_shape, w_shape, kwargs):
-    """Every evaluation path (derivations §4.6) takes 16-bit inputs and returns 16-bit results."""
+    """Every evaluation path (docs/performance.md#conv2d) takes 16-bit inputs and returns
+    16-bit results."""
     assert_conv2d_bfloat16_close(x_shape, w_shape, kwargs, BF16_REL, seed=18)
 
 

@@ -2,9 +2,14 @@
 
 One test body per property, the whole registry as its table (JAX's lax_autodiff_test style).
 A new op is covered by registering it in handgrad/registry.py.
+
+Every case runs with the fast paths on (the default); a case whose call the dispatch gives a
+faster evaluation (``handgrad.ops.fast.describe``) runs again with them off, so that the
+textbook evaluation of every formula is checked on the same shapes.
 """
 
 import contextlib
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -12,22 +17,56 @@ import pytest
 
 import handgrad as hg
 from handgrad import ops, registry
+from handgrad.ops import fast
 
 SPECS = registry.specs()
-CASES = [
-    pytest.param(spec, case, dtype, id=f"{spec.name}-{dtype}-{case.id}")
-    for spec in SPECS
-    for case in spec.cases
-    for dtype in spec.dtypes
-]
-# Grad-of-grad and vmap: the first three cases of each op in the quick suite, all in `-m slow`.
-CASES_F64 = [
-    pytest.param(*p.values, id=p.id,
-                 marks=() if spec_index < 3 else (pytest.mark.slow,))
-    for spec in SPECS
-    for spec_index, p in enumerate(
-        q for q in CASES if q.values[0] is spec and q.values[2] == "float64")
-]
+
+
+def seed_of(case_id: str) -> int:
+    """A stable seed from the case id (Python's hash() is salted per process)."""
+    return zlib.crc32(case_id.encode())
+
+
+def takes_fast_path(spec, case) -> bool:
+    """Whether the dispatch gives some formula of this call a faster evaluation here."""
+    args = jax.eval_shape(lambda: case.make_args(jax.random.PRNGKey(0), jnp.float32))
+    return any(path != "textbook" for path in fast.describe(spec.name, *args,
+                                                            **case.kwargs).values())
+
+
+def _case_params():
+    """(spec, case, dtype, fast) for every case and dtype with fast paths on; with them off
+    for the cases that take one — in the quick suite in float64 (autodiff and finite
+    differences), in float32 under `-m slow`."""
+    for spec in SPECS:
+        for case in spec.cases:
+            both_ways = takes_fast_path(spec, case)
+            for dtype in spec.dtypes:
+                yield pytest.param(spec, case, dtype, True, id=f"{spec.name}-{dtype}-{case.id}")
+                if both_ways:
+                    yield pytest.param(
+                        spec, case, dtype, False, id=f"{spec.name}-{dtype}-{case.id}-textbook",
+                        marks=() if dtype == "float64" else (pytest.mark.slow,))
+
+
+CASES = list(_case_params())
+
+
+def _second_order_params():
+    """Grad-of-grad and vmap in float64: the first three cases of each op in the quick suite
+    (with fast paths off too for the first that takes one), all in `-m slow`."""
+    for spec in SPECS:
+        f64 = [p for p in CASES if p.values[0] is spec and p.values[2] == "float64"]
+        first_textbook = next((p for p in f64 if not p.values[3]), None)
+        for index, p in enumerate(q for q in f64 if q.values[3]):
+            yield pytest.param(*p.values, id=p.id, marks=() if index < 3 else (pytest.mark.slow,))
+        for p in f64:
+            if not p.values[3]:
+                yield pytest.param(*p.values, id=p.id,
+                                   marks=() if p is first_textbook else (pytest.mark.slow,))
+
+
+CASES_F64 = list(_second_order_params())
 
 
 def _on(platform, args):
@@ -43,28 +82,68 @@ def _precision(platform):
     return jax.default_matmul_precision("highest")
 
 
-def _check(spec, case, dtype, platform, **options):
-    key = jax.random.PRNGKey(abs(hash((spec.name, case.id))) % (2**31))
-    k_args, k_check = jax.random.split(key)
+def _check(spec, case, dtype, fast_paths, platform, **options):
+    """check_vjp of the case, and the seed its inputs were drawn with (for the message)."""
+    seed = seed_of(f"{spec.name}[{case.id}]")
+    k_args, k_check = jax.random.split(jax.random.PRNGKey(seed))
     args = _on(platform, case.make_args(k_args, jnp.dtype(dtype)))
-    with jax.default_device(jax.devices(platform)[0]), _precision(platform):
-        return hg.check_vjp(spec.op, spec.reference, *args, kwargs=case.kwargs, key=k_check,
-                            name=f"{spec.name}[{case.id}]", **{**case.check, **options})
+    # "on" leaves the switch as it is (HANDGRAD_FAST_PATHS=0 runs the whole table textbook).
+    switch = contextlib.nullcontext() if fast_paths else hg.fast_paths(False)
+    with jax.default_device(jax.devices(platform)[0]), _precision(platform), switch:
+        result = hg.check_vjp(spec.op, spec.reference, *args, kwargs=case.kwargs, key=k_check,
+                              name=f"{spec.name}[{case.id}]", **{**case.check, **options})
+    enabled = fast_paths and hg.fast_paths_enabled()
+    return result, f"seed {seed}, fast paths {'on' if enabled else 'off'}: {result}"
 
 
-@pytest.mark.parametrize("spec, case, dtype", CASES)
-def test_vjp_matches_autodiff_and_finite_differences(spec, case, dtype, platform):
-    result = _check(spec, case, dtype, platform, finite_differences=dtype == "float64")
-    assert result.ok, str(result)
+@pytest.mark.parametrize("spec, case, dtype, fast_paths", CASES)
+def test_vjp_matches_autodiff_and_finite_differences(spec, case, dtype, fast_paths, platform):
+    result, report = _check(spec, case, dtype, fast_paths, platform,
+                            finite_differences=dtype == "float64")
+    assert result.ok, report
     if dtype == "float64":
-        assert any("finite diff" in c.what for c in result.comparisons), str(result)
+        assert any("finite diff" in c.what for c in result.comparisons), report
 
 
-@pytest.mark.parametrize("spec, case, dtype", CASES_F64)
-def test_grad_of_grad_and_vmap(spec, case, dtype, platform):
-    result = _check(spec, case, dtype, platform, finite_differences=False,
-                    second_order=spec.second_order, vmap=True)
-    assert result.ok, str(result)
+@pytest.mark.parametrize("spec, case, dtype, fast_paths", CASES_F64)
+def test_grad_of_grad_and_vmap(spec, case, dtype, fast_paths, platform):
+    result, report = _check(spec, case, dtype, fast_paths, platform, finite_differences=False,
+                            second_order=spec.second_order, vmap=True)
+    assert result.ok, report
+
+
+def test_switch_off_traces_the_textbook_evaluation_of_cases_run_both_ways():
+    """The "-textbook" runs above are not repeats: with the switch off, describe names no fast
+    path and the traced VJP differs from the one with it on — for one case of each op per
+    combination of evaluations (tracing only, nothing compiled)."""
+    seen = set()
+    for spec in SPECS:
+        for case in spec.cases:
+            args = jax.eval_shape(
+                lambda case=case: case.make_args(jax.random.PRNGKey(0), jnp.float32))
+            with hg.fast_paths(True):
+                evaluations = tuple(fast.describe(spec.name, *args, **case.kwargs).items())
+            if set(dict(evaluations).values()) == {"textbook"} or (spec.name,
+                                                                   evaluations) in seen:
+                continue
+            seen.add((spec.name, evaluations))
+            f, floating = spec.of_floating_args(args, case.kwargs)
+
+            def traced_vjp(f=f, floating=floating):
+                def program(*a):  # a new function each time: JAX caches traces per function
+                    out, pullback = jax.vjp(f, *a)
+                    return pullback(jnp.ones_like(out))
+                return str(jax.make_jaxpr(program)(*floating))
+
+            with hg.fast_paths(False):
+                textbook = traced_vjp()
+                described = fast.describe(spec.name, *args, **case.kwargs)
+            with hg.fast_paths(True):
+                tuned = traced_vjp()
+            assert set(described.values()) == {"textbook"}, (spec.name, case.id, described)
+            assert textbook != tuned, f"{spec.name}[{case.id}]: the switch changed nothing"
+            assert "platform_index" not in textbook, f"{spec.name}[{case.id}]"
+    assert {name for name, _ in seen} >= {"conv2d", "max_pool2d", "avg_pool2d"}
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)

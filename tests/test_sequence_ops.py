@@ -90,7 +90,7 @@ def test_embedding_repeated_ids_add():
     (dtable,) = pullback(g)
     want = np.zeros((6, 4))
     for p, v in np.ndenumerate(np.asarray(ids)):
-        want[v] += np.asarray(g)[p]  # seed 003: gradients of branches add (+=, not =)
+        want[v] += np.asarray(g)[p]  # note 003: gradients of branches add (+=, not =)
     np.testing.assert_allclose(dtable, want, rtol=1e-15, atol=0)
     np.testing.assert_allclose(dtable[2], g[0, 0] + g[0, 2] + g[1, 1], rtol=1e-15)
     assert np.all(np.asarray(dtable)[[1, 3, 4]] == 0)

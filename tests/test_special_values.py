@@ -51,7 +51,7 @@ def tol(dtype, rtol32=1e-6, atol32=1e-7):
     return {"rtol": t.rtol, "atol": t.atol}
 
 
-# --- ReLU kink: derivative 1 at exactly 0 (seed 001), unlike jax.nn.relu -------------------
+# --- ReLU kink: derivative 1 at exactly 0 (note 001), unlike jax.nn.relu -------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,7 +1,7 @@
 """The notes' worked examples, number for number, through the hand-written ops.
 
-Seed 003 (CS231n's backprop notes): the sigmoid neuron and the staged computation with its
-stage-by-stage backward. Seed 001: the softmax + cross-entropy gradient ``a − y`` and the
+Note 003 (CS231n's backprop notes): the sigmoid neuron and the staged computation with its
+stage-by-stage backward. Note 001: the softmax + cross-entropy gradient ``a − y`` and the
 two-output network whose ``∂E/∂w1`` sums the paths through O1 and O2.
 """
 
@@ -21,7 +21,7 @@ def sig(v):
     return 1.0 / (1 + math.exp(-v))
 
 
-# --- seed 003, example 1: the sigmoid neuron ------------------------------------------------
+# --- note 003, example 1: the sigmoid neuron ------------------------------------------------
 
 
 def test_seed003_sigmoid_neuron_with_hand_ops():
@@ -59,7 +59,7 @@ def test_seed003_sigmoid_neuron_equals_the_notes_code():
     np.testing.assert_allclose([*gw[0], gb[0]], dw, rtol=1e-14)
 
 
-# --- seed 003, example 2: the staged computation --------------------------------------------
+# --- note 003, example 2: the staged computation --------------------------------------------
 
 
 def staged_f(x, y):
@@ -127,7 +127,7 @@ def test_seed003_stage_by_stage_backward_at_other_points(x, y):
     assert (float(value), float(gx), float(gy)) == pytest.approx((f, dx, dy), rel=1e-12)
 
 
-# --- seed 001: softmax + cross-entropy, dz = a − y ------------------------------------------
+# --- note 001: softmax + cross-entropy, dz = a − y ------------------------------------------
 
 NOTE_A = np.array([0.0903, 0.2447, 0.665])  # the note's softmax output (it sums to 1)
 
@@ -153,7 +153,7 @@ def test_seed001_softmax_example_from_logits_1_2_3():
 
 
 def test_seed001_softmax_jacobian():
-    """∂a_j/∂z_i = a_j(1 − a_j) if i = j, −a_j·a_i otherwise (seed 001), via the hand VJP."""
+    """∂a_j/∂z_i = a_j(1 − a_j) if i = j, −a_j·a_i otherwise (note 001), via the hand VJP."""
     z = jnp.asarray(np.random.default_rng(0).standard_normal((1, 4)))
     a = np.asarray(hg.softmax(z)[0])
     jac = np.asarray(jax.jacrev(lambda z: hg.softmax(z)[0])(z))[:, 0, :]  # [j, i]
@@ -167,7 +167,7 @@ def test_seed001_batch_mean_carries_1_over_m():
     np.testing.assert_allclose(dz, np.tile([[0.0903, -0.7553, 0.665]], (3, 1)) / 3, atol=1e-12)
 
 
-# --- seed 001: the two-output network, ∂E/∂w1 sums two paths --------------------------------
+# --- note 001: the two-output network, ∂E/∂w1 sums two paths --------------------------------
 
 
 def two_output_net(x, w, target):

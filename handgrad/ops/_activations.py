@@ -40,7 +40,7 @@ def _sigmoid_fwd(z):
 
 
 def _sigmoid_bwd(a, g):
-    return ((g * a * (1 - a)).astype(a.dtype),)  # σ'(z) = σ(z)(1 − σ(z)), seed 002 eq. 8
+    return ((g * a * (1 - a)).astype(a.dtype),)  # σ'(z) = σ(z)(1 − σ(z)), note 002 eq. 8
 
 
 _sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
@@ -49,7 +49,7 @@ _sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
 def sigmoid(z):
     r"""Logistic sigmoid :math:`a = σ(z) = 1 / (1 + e^{-z})`, elementwise.
 
-    Backward: :math:`dz = g ⊙ a ⊙ (1 - a)` from the saved output (seed 002, eqs. 7-8).
+    Backward: :math:`dz = g ⊙ a ⊙ (1 - a)` from the saved output (note 002, eqs. 7-8).
 
     Args:
       z: floating array of any shape.
@@ -112,7 +112,7 @@ def _relu_fwd(z):
 
 
 def _relu_bwd(mask, g):
-    # relu'(z) = 1 for z ≥ 0 — the seed-001 convention: the derivative at exactly 0 is 1.
+    # relu'(z) = 1 for z ≥ 0 — note 001's convention: the derivative at exactly 0 is 1.
     return (jnp.where(mask, g, jnp.zeros_like(g)),)
 
 
@@ -123,7 +123,7 @@ def relu(z):
     r"""Rectified linear unit :math:`\max(z, 0)`, elementwise.
 
     Backward: :math:`dz = g ⊙ [z \ge 0]`. **At exactly** ``z = 0`` **the derivative is 1**,
-    the convention of seed 001 (``relu'(x) = 1 for x ≥ 0``). ``jax.nn.relu`` and PyTorch use 0
+    the convention of note 001 (``relu'(x) = 1 for x ≥ 0``). ``jax.nn.relu`` and PyTorch use 0
     there; away from 0 all agree.
 
     Args:
@@ -193,7 +193,7 @@ def _softmax_fwd(z, axis):
 
 
 def _softmax_bwd(axis, a, g):
-    # Seed 001's Jacobian ∂a_j/∂z_i = a_j(δ_ij − a_i), applied to g without forming it:
+    # Note 001's Jacobian ∂a_j/∂z_i = a_j(δ_ij − a_i), applied to g without forming it:
     # dz = a ⊙ (g − ⟨g, a⟩).
     af, gf = a.astype(accumulation_dtype(a.dtype)), g.astype(accumulation_dtype(a.dtype))
     dz = af * (gf - jnp.sum(gf * af, axis=axis, keepdims=True))
@@ -206,7 +206,7 @@ _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 def softmax(z, axis: int = -1):
     r"""Softmax :math:`a_j = e^{z_j} / \sum_k e^{z_k}` along ``axis`` (max-shifted, stable).
 
-    Backward, from the softmax Jacobian of seed 001 without building it:
+    Backward, from the softmax Jacobian of note 001 without building it:
 
     .. math:: dz = a ⊙ (g - \langle g, a \rangle_{axis})
 

@@ -8,7 +8,7 @@ Layout ``(N, H, T, d)`` (batch, heads, positions, features), as PyTorch's
     S = \text{scale}\cdot QK^\top,\qquad P = \operatorname{softmax}_{\text{rows}}(S),\qquad
     O = PV
 
-and, from the softmax Jacobian of seed 001 (§2.4) applied row by row, with ``dO = g``:
+and, from the softmax Jacobian of note 001 (§2.4) applied row by row, with ``dO = g``:
 
 .. math::
     dV = P^\top dO,\quad dP = dO\,V^\top,\quad

@@ -1,6 +1,6 @@
 r"""Dense (fully connected) layer and flatten, with hand-written backward passes.
 
-The notes (seeds 000, 002) write samples as columns: ``Z = W·A_prev + b`` with ``A_prev`` of
+The notes (notes 000, 002) write samples as columns: ``Z = W·A_prev + b`` with ``A_prev`` of
 shape ``(n_in, m)``. handgrad is batch-first, so samples are rows and every formula holds
 transposed: ``z = x·Wᵀ + b``. Derivation: docs/derivations.md §1.
 """
@@ -60,25 +60,6 @@ def _dense_no_bias_bwd(residuals, g):
 _dense_no_bias.defvjp(_dense_no_bias_fwd, _dense_no_bias_bwd)
 
 
-def check_dense_args(op, x, w, b):
-    for name, arr in (("x", x), ("w", w)):
-        _checks.check_floating(op, name, arr)
-    _checks.check_min_rank(op, "x", x, 1, "(..., n_in)")
-    _checks.check_rank(op, "w", w, 2, "(n_out, n_in)")
-    if x.shape[-1] != w.shape[1]:
-        raise ValueError(
-            f"{op}: x has {x.shape[-1]} features but w expects {w.shape[1]} "
-            f"(x {tuple(x.shape)}, w {tuple(w.shape)}; w is (n_out, n_in))."
-        )
-    if b is not None:
-        _checks.check_floating(op, "b", b)
-        if tuple(b.shape) != (w.shape[0],):
-            raise ValueError(
-                f"{op}: `b` must have shape (n_out,) = ({w.shape[0]},) to match w "
-                f"{tuple(w.shape)}, got {tuple(b.shape)}."
-            )
-
-
 def dense(x, w, b=None):
     r"""Affine layer :math:`z = x W^\top + b`, batch-first.
 
@@ -102,7 +83,7 @@ def dense(x, w, b=None):
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
     b = None if b is None else jnp.asarray(b)
-    check_dense_args("dense", x, w, b)
+    _checks.check_dense_args("dense", x, w, b)
     if b is None:
         return _dense_no_bias(x, w)
     return _dense(x, w, b)

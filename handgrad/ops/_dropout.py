@@ -2,12 +2,9 @@ r"""Inverted dropout with a hand-written backward that regenerates the mask from
 
 Forward: :math:`y = x ⊙ M / (1 - p)` with :math:`M \sim \mathrm{Bernoulli}(1 - p)` drawn from
 ``key``. Backward: :math:`dx = g ⊙ M / (1 - p)` — the same mask, so the residual is the key
-(two words), not a mask of x's size: the mask is drawn again by the counter-based generator.
-Measured on the 2-core CPU (jit, grad of a dropout on (4096, 1024), rate 0.3): regenerating
-took 268 ms vs 256 ms with a stored bool mask (+5 %, threefry is not cheap on a CPU), while
-the residual outside jit shrinks from 4 MiB to 8 bytes; under jit XLA's temp memory was the
-same (48 MiB) either way. Regeneration keeps `jax.vjp`/remat residuals small, which is where
-it matters (activations kept across a long model). GPU cost not measured here.
+(two words), not a mask of x's size: the mask is drawn again by the counter-based generator,
+a little slower on CPU, and `jax.vjp`/remat residuals stay small — where it matters,
+activations kept across a long model (docs/performance.md#dropout-mask).
 Derivation: docs/derivations.md §8.3.
 """
 

@@ -3,7 +3,7 @@ r"""Embedding lookup with its scatter-add backward.
 ``embedding(ids, table)`` picks row ``ids[...]`` of ``table`` for every position. It is a
 dense layer applied to one-hot rows (``onehot(ids)·table``), so its backward is that layer's
 ``dW = onehotᵀ·g``: every cotangent row is **added** into the table row its id picked — an id
-that occurs twice receives both rows (seed 003: "gradients of branches add, use ``+=``").
+that occurs twice receives both rows (note 003: "gradients of branches add, use ``+=``").
 Derivation: docs/derivations.md §10.1.
 """
 

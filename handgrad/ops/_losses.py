@@ -1,6 +1,6 @@
 r"""Losses with hand-written backward passes.
 
-Every loss is the notes' cost :math:`J = \frac{1}{m}\sum_i L(y^{(i)}, \hat y^{(i)})` (seed 002,
+Every loss is the notes' cost :math:`J = \frac{1}{m}\sum_i L(y^{(i)}, \hat y^{(i)})` (note 002,
 eq. 76): the per-example loss sums over every axis after the first, and the batch axis (the
 first) is averaged. So the backward of each loss carries the ``1/m`` that the notes apply at
 ``dW`` and ``db``, and layers below never divide by ``m`` again. Derivations:
@@ -60,7 +60,8 @@ def _log_softmax_parts(logits):
 
     The losses keep these (two numbers a row) and the logits as residuals, not log_softmax:
     the backward's ``exp`` reads logits that were never rounded to 16 bits, and the rules
-    are plain JAX, so ``jax.hessian`` of the loss works."""
+    are plain JAX, so ``jax.hessian`` of the loss works. Time is unchanged
+    (docs/performance.md#softmax-cross-entropy)."""
     zf = _acc(logits)
     peak, log_sum = log_sum_exp_parts(zf, 1)
     return zf, peak, log_sum
@@ -228,7 +229,7 @@ def _binary_ce_bwd(residuals, g):
     p, y = residuals
     scale = jnp.asarray(g, accumulation_dtype(p.dtype)) / _batch_size(p)
     pf, yf = _acc(p), _acc(y)
-    # ∂L/∂p = −y/p + (1−y)/(1−p) (seed 002 eq. 1). Each term is taken as 0 where its factor
+    # ∂L/∂p = −y/p + (1−y)/(1−p) (note 002 eq. 1). Each term is taken as 0 where its factor
     # y (or 1−y) is 0, the same limit as the forward's 0·log 0 = 0.
     pos = jnp.where(yf == 0, 0.0, yf / jnp.where(yf == 0, 1.0, pf))
     neg = jnp.where(yf == 1, 0.0, (1 - yf) / jnp.where(yf == 1, 1.0, 1 - pf))
@@ -241,7 +242,7 @@ _binary_ce.defvjp(_binary_ce_fwd, _binary_ce_bwd)
 
 
 def binary_cross_entropy(probs, targets):
-    r"""Mean log-loss on probabilities (seed 002, eq. 1).
+    r"""Mean log-loss on probabilities (note 002, eq. 1).
 
     .. math:: J = -\frac1m \sum_i \sum_j \big(y_{ij}\log p_{ij} + (1-y_{ij})\log(1-p_{ij})\big)
 
@@ -291,7 +292,7 @@ def _sigmoid_bce_fwd(logits, targets):
 def _sigmoid_bce_bwd(residuals, g):
     z, y = residuals
     scale = jnp.asarray(g, accumulation_dtype(z.dtype)) / _batch_size(z)
-    # The fused gradient of seed 002: dz = (σ(z) − y)/m; and ∂/∂y of −z·y is −z.
+    # The fused gradient of note 002: dz = (σ(z) − y)/m; and ∂/∂y of −z·y is −z.
     dz = scale * (_acc(_sigmoid(z)) - _acc(y))
     dy = -scale * _acc(z)
     return dz.astype(z.dtype), dy.astype(y.dtype)
@@ -305,7 +306,7 @@ def sigmoid_binary_cross_entropy(logits, targets):
 
     .. math:: J = \frac1m \sum \big(\max(z,0) - z y + \log(1 + e^{-|z|})\big)
 
-    Backward (seed 002, the output layer's ``dZ = A − Y``): :math:`dz = (σ(z) - y)/m`,
+    Backward (note 002, the output layer's ``dZ = A − Y``): :math:`dz = (σ(z) - y)/m`,
     :math:`dy = -z/m`.
 
     Args:
@@ -341,7 +342,7 @@ def _squared_error_fwd(pred, target):
 
 def _squared_error_bwd(residuals, g):
     pred, target = residuals
-    # E = ½Σ(f − y)² ⇒ ∂E/∂f = f − y (seed 001, with the sign slip of the note corrected).
+    # E = ½Σ(f − y)² ⇒ ∂E/∂f = f − y (note 001, with the sign slip of the note corrected).
     d = (jnp.asarray(g, accumulation_dtype(pred.dtype)) / _batch_size(pred)) * (
         _acc(pred) - _acc(target)
     )
@@ -355,8 +356,8 @@ def squared_error(pred, target):
     r"""Mean over the batch of :math:`\tfrac12\lVert \text{pred} - \text{target}\rVert^2`.
 
     Backward: :math:`d\,\text{pred} = (\text{pred} - \text{target})/m = -d\,\text{target}`.
-    Seed 001 writes ``E = −Σ½(…)²``; that sign is a slip (descent on it would climb), so the
-    loss here is ``+½Σ(f − y)²`` (FORMULAS.md).
+    Note 001 writes ``E = −Σ½(…)²``; that sign is a slip (descent on it would climb), so the
+    loss here is ``+½Σ(f − y)²`` (docs/notes.md).
 
     Args:
       pred: ``(m, …)`` floating.

@@ -15,20 +15,13 @@ docs/derivations.md §8.
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from handgrad import _checks
+from handgrad._stats import BatchNormStats
 from handgrad.ops._activations import accumulation_dtype
-
-
-class BatchNormStats(NamedTuple):
-    """Running statistics of :func:`batch_norm` (never differentiated)."""
-
-    mean: jax.Array
-    var: jax.Array
 
 
 def _normalize(x, reduce_axes, eps):
@@ -111,20 +104,6 @@ def _batch_norm_eval_bwd(axis, eps, residuals, g):
 _batch_norm_eval.defvjp(_batch_norm_eval_fwd, _batch_norm_eval_bwd)
 
 
-def _check_norm_args(op, x, gamma, beta, axis, features_name="x.shape[axis]"):
-    _checks.check_floating(op, "x", x)
-    _checks.check_min_rank(op, "x", x, 2, "(N, F, ...)")
-    axis = _checks.check_axis(op, x, axis)
-    for name, p in (("gamma", gamma), ("beta", beta)):
-        _checks.check_floating(op, name, p)
-        if tuple(p.shape) != (x.shape[axis],):
-            raise ValueError(
-                f"{op}: `{name}` must have shape ({features_name},) = ({x.shape[axis]},) for x "
-                f"{tuple(x.shape)}, got {tuple(p.shape)}."
-            )
-    return axis
-
-
 def batch_norm(x, gamma, beta, *, axis: int = 1, eps: float = 1e-5, momentum: float = 0.1,
                running_mean=None, running_var=None, training: bool = True):
     r"""Batch normalization over every axis but ``axis`` (the features/channels).
@@ -156,7 +135,7 @@ def batch_norm(x, gamma, beta, *, axis: int = 1, eps: float = 1e-5, momentum: fl
     """
     op = "batch_norm"
     x, gamma, beta = jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)
-    axis = _check_norm_args(op, x, gamma, beta, axis)
+    axis = _checks.check_norm_args(op, x, gamma, beta, axis)
     eps = _checks.check_scalar(op, "eps", eps)
     momentum = _checks.check_scalar(op, "momentum", momentum)
     features = x.shape[axis]
@@ -240,7 +219,7 @@ def layer_norm(x, gamma, beta, eps: float = 1e-5):
     """
     op = "layer_norm"
     x, gamma, beta = jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)
-    _check_norm_args(op, x, gamma, beta, -1, "x.shape[-1]")
+    _checks.check_norm_args(op, x, gamma, beta, -1, "x.shape[-1]")
     return _layer_norm(x, gamma, beta, _checks.check_scalar(op, "eps", eps))
 
 

@@ -15,6 +15,7 @@ op, accumulating where windows overlap.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
@@ -24,6 +25,32 @@ from handgrad import _checks
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
+class WindowConfig(NamedTuple):
+    """Where a convolution's or a pool's windows sit (static: a ``nondiff_argnums`` value).
+
+    Output (i, j) reads ``x_pad[i·s + a·d, j·s + b·d]`` through the window's tap (a, b)."""
+
+    window: tuple[int, int]  # taps (kh, kw): the kernel's size or the pool's window
+    stride: tuple[int, int]
+    padding: Padding  # ((top, bottom), (left, right))
+    dilation: tuple[int, int]  # the taps are d apart (1 for pooling)
+    groups: int  # channel groups (1 for pooling)
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+
+
+def window_config(op: str, x, window, stride, padding, dilation=(1, 1), groups=1,
+                  kernel_name="window") -> WindowConfig:
+    """The configuration of ``x``'s windows, after checking that they fit."""
+    in_hw = tuple(x.shape[2:])
+    reach = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
+    pads = normalize_padding(op, padding, in_hw, reach, stride)
+    _checks.check_window_fits(op, x, reach, pads, kernel_name)
+    out_hw = window_count(padded_size(pads, in_hw), window, stride, dilation)
+    return WindowConfig(tuple(window), tuple(stride), pads, tuple(dilation), groups, in_hw,
+                        out_hw)
+
+
 def normalize_padding(
     op: str, padding, in_hw: Sequence[int], kernel_eff: Sequence[int], stride: Sequence[int]
 ) -> Padding:
@@ -31,54 +58,21 @@ def normalize_padding(
 
     "SAME" follows XLA/TensorFlow: output size ceil(in/stride), the odd pixel at the end.
     """
+    _checks.check_padding(op, padding)
     if isinstance(padding, str):
-        mode = padding.upper()
-        if mode == "VALID":
+        if padding.upper() == "VALID":
             return ((0, 0), (0, 0))
-        if mode == "SAME":
-            pads = []
-            for size, k, s in zip(in_hw, kernel_eff, stride):
-                out = -(-size // s)
-                total = max((out - 1) * s + k - size, 0)
-                pads.append((total // 2, total - total // 2))
-            return tuple(pads)
-        raise ValueError(f"{op}: `padding` string must be 'VALID' or 'SAME', got {padding!r}.")
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    if is_int(padding):
-        pads = ((padding, padding), (padding, padding))
-    elif isinstance(padding, tuple | list) and len(padding) == 2 and all(map(is_int, padding)):
-        pads = ((padding[0], padding[0]), (padding[1], padding[1]))
-    elif (
-        isinstance(padding, tuple | list)
-        and len(padding) == 2
-        and all(isinstance(p, tuple | list) and len(p) == 2 and all(map(is_int, p))
-                for p in padding)
-    ):
-        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    else:
-        raise TypeError(
-            f"{op}: `padding` must be an int, (ph, pw), ((top, bottom), (left, right)), "
-            f"'VALID' or 'SAME', got {padding!r}."
-        )
-    if min(min(p) for p in pads) < 0:
-        raise ValueError(f"{op}: `padding` must be non-negative, got {padding!r}.")
-    return tuple(tuple(p) for p in pads)
-
-
-def output_size(
-    op: str, x_shape, in_hw, kernel_eff, stride, padding: Padding, kernel_name: str
-) -> tuple[int, int]:
-    """(H + pad − k_eff) // s + 1 per spatial axis; raises if the window does not fit."""
-    for axis, (size, k, (lo, hi)) in enumerate(zip(in_hw, kernel_eff, padding)):
-        padded = size + lo + hi
-        if k > padded:
-            dim = "height" if axis == 0 else "width"
-            raise ValueError(
-                f"{op}: the {kernel_name} ({k} along {dim}, dilation included) is larger than "
-                f"the padded input ({padded} = {size} + {lo} + {hi}); x has shape "
-                f"{tuple(x_shape)}."
-            )
-    return window_count(padded_size(padding, in_hw), kernel_eff, stride)
+        pads = []
+        for size, k, s in zip(in_hw, kernel_eff, stride):
+            out = -(-size // s)
+            total = max((out - 1) * s + k - size, 0)
+            pads.append((total // 2, total - total // 2))
+        return tuple(pads)
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    if isinstance(padding[0], int):
+        return ((padding[0], padding[0]), (padding[1], padding[1]))
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 def padded_size(padding: Padding, in_hw) -> tuple[int, int]:
@@ -88,14 +82,24 @@ def padded_size(padding: Padding, in_hw) -> tuple[int, int]:
 
 def window_count(padded_hw, kernel, stride, dilation=(1, 1)) -> tuple[int, int]:
     """How many windows fit along each padded axis: (Hp − k_eff) // s + 1, no checks (for
-    configurations :func:`output_size` has already validated)."""
+    windows :func:`window_config` has already seen fit)."""
     return tuple((size - ((k - 1) * d + 1)) // s + 1
                  for size, k, s, d in zip(padded_hw, kernel, stride, dilation))
 
 
-def check_nchw(op: str, x) -> None:
-    _checks.check_floating(op, "x", x)
-    _checks.check_rank(op, "x", x, 4, "(N, C, H, W)")
+def full_padding(config: WindowConfig) -> Padding:
+    """The edge padding of the stride-dilated error map for note 004's full convolution:
+    (k_eff − 1 − lo, k_eff − 1 − hi + remainder) per axis, so that it is the input's size plus
+    the kernel's reach. Input rows past the last window (the stride's remainder) were never
+    read: the extra high-side `remainder` gives them zero gradient. A pad larger than
+    k_eff − 1 turns into negative padding, i.e. cropping."""
+    pads = []
+    for size, k, d, s, (lo, hi) in zip(config.in_hw, config.window, config.dilation,
+                                       config.stride, config.padding):
+        k_eff = (k - 1) * d + 1
+        remainder = (size + lo + hi - k_eff) % s
+        pads.append((k_eff - 1 - lo, k_eff - 1 - hi + remainder))
+    return tuple(pads)
 
 
 def window_slice(xp, a: int, b: int, out_hw, stride, dilation=(1, 1)):

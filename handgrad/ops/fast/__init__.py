@@ -13,7 +13,10 @@ when an op is *traced*: a function that ``jax.jit`` compiled before the switch c
 the evaluation it was traced with (JAX caches the trace); trace it again (a new ``jax.jit``,
 or ``jax.clear_caches()``) to pick up the change.
 
-Measurements behind every choice: docs/performance.md.
+The families with faster evaluations: ``conv`` (conv2d's forward, dx and dw on CPU) and
+``pooling`` (max and mean pooling's dx when the windows tile the input). :func:`describe`
+names the evaluation each formula of a call gets. Measurements behind every choice:
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+
+import jax
 
 ENV_VAR = "HANDGRAD_FAST_PATHS"
 
@@ -60,3 +65,45 @@ def fast_paths(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _local.enabled = previous
+
+
+def describe(op: str, *args, **kwargs) -> dict[str, str]:
+    """The evaluation each formula of ``op(*args, **kwargs)`` gets on the default backend
+    with the switch as it is now: "textbook" (the one written in the op's module) or the name
+    of a faster one, e.g. ``{"forward": "banded", "input_grad": "col2im", "weight_grad":
+    "banded"}`` for LeNet-5's first layer on CPU.
+
+    Args:
+      op: a public op's name; conv2d, max_pool2d and avg_pool2d have faster evaluations.
+      *args, **kwargs: the op's arguments (arrays or ``jax.ShapeDtypeStruct``), as for the op.
+
+    Returns:
+      formula ("forward", "input_grad", "weight_grad" where the op has one) -> evaluation.
+    """
+    from handgrad.ops import OP_NAMES  # the ops import this module: imported when called
+
+    if op == "conv2d":
+        return _describe_conv2d(*args, **kwargs)
+    if op in ("max_pool2d", "avg_pool2d"):
+        return _describe_pool(op, *args, **kwargs)
+    if op in OP_NAMES:
+        return {"forward": "textbook", "backward": "textbook"}
+    raise ValueError(f"describe: `op` must be one of {OP_NAMES}, got {op!r}.")
+
+
+def _describe_conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
+    from handgrad.ops import _conv
+    from handgrad.ops.fast import conv
+
+    config = _conv.conv2d_config("conv2d", x, w, b, stride, padding, dilation, groups)
+    return conv.describe(tuple(w.shape), config, jax.default_backend())
+
+
+def _describe_pool(op, x, window, stride=None, padding=0):
+    from handgrad.ops import _pooling
+    from handgrad.ops.fast import pooling
+
+    config = _pooling.pool_config(op, x, window, stride, padding,
+                                  pad_at_most_half_window=op == "max_pool2d")
+    tiled = pooling.dispatch(op, config) is not None
+    return {"forward": "textbook", "input_grad": "tiled" if tiled else "textbook"}
