@@ -5,6 +5,7 @@ silently wrong gradient (a ``db`` of the wrong rank, say), as equinox's tests do
 """
 
 import os
+import re
 
 # The suite compiles hundreds of small XLA programs and runs each once or twice: LLVM's
 # optimizations cost more time than they save here (about 2× on the op checks). Results do
@@ -20,18 +21,20 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-from hypothesis import settings  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 from handgrad.verification import available_platforms  # noqa: E402
 
-# Small example counts by default; `-m slow` runs and HANDGRAD_HYPOTHESIS_PROFILE=full use more.
-settings.register_profile("quick", max_examples=10, deadline=None, derandomize=False)
-settings.register_profile("full", max_examples=200, deadline=None)
+# Hypothesis: example counts come from the profile (no test sets max_examples), draws are
+# derandomized (the same examples every run, so a CI failure replays locally) and a failure
+# prints the blob that reproduces it. "quick" is the default; `-m slow` tests take "full".
+# HANDGRAD_HYPOTHESIS_PROFILE=full gives the quick tests the full counts too.
+_COMMON = dict(deadline=None, derandomize=True, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.function_scoped_fixture])
+settings.register_profile("quick", max_examples=2, **_COMMON)
+settings.register_profile("full", max_examples=200, **_COMMON)
 settings.load_profile(os.environ.get("HANDGRAD_HYPOTHESIS_PROFILE", "quick"))
-
-
-PLATFORMS = ("cpu", "gpu", "tpu")
-
 
 @pytest.fixture(autouse=True)
 def _release_compiled_programs():
@@ -43,9 +46,34 @@ def _release_compiled_programs():
     jax.clear_caches()
 
 
-@pytest.fixture(params=PLATFORMS)
-def platform(request):
-    """Every platform: the present ones run, the absent ones are skipped with the reason."""
-    if request.param not in available_platforms():
-        pytest.skip(f"no {request.param} device: jax.devices() offers {jax.devices()}")
-    return request.param
+def pytest_generate_tests(metafunc):
+    """`platform`: every backend present here (CPU always; GPU and TPU when there). An absent
+    one is not collected at all, so a skip never stands for a test that could not run."""
+    if "platform" in metafunc.fixturenames:
+        metafunc.parametrize("platform", available_platforms())
+
+
+# A skip is a test that did not run. Only an accelerator's absence may excuse one; any other
+# (a missing declared dependency, a case that matched nothing) fails the run.
+ALLOWED_SKIP = re.compile(r"\b(gpu|tpu|accelerator)\b", re.IGNORECASE)
+_UNEXPECTED_SKIPS = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not ALLOWED_SKIP.search(reason):
+            _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # under xdist the controller receives every worker's reports: it decides
+    if _UNEXPECTED_SKIPS and exitstatus == 0 and not hasattr(session.config, "workerinput"):
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _UNEXPECTED_SKIPS:
+        terminalreporter.section("skips that fail the run", sep="!")
+        for line in _UNEXPECTED_SKIPS:
+            terminalreporter.line(line)

@@ -27,7 +27,6 @@ def _load_example(name):
 
 @pytest.fixture(scope="module")
 def digits():
-    pytest.importorskip("sklearn", reason="the examples train on scikit-learn's bundled digits")
     from handgrad import data as data_lib
 
     return data_lib.load_digits()
@@ -35,13 +34,11 @@ def digits():
 
 @pytest.fixture(scope="module")
 def flax_example():
-    pytest.importorskip("flax.nnx", reason="flax (NNX) is not installed: pip install flax")
     return _load_example("flax_nnx_mlp")
 
 
 @pytest.fixture(scope="module")
 def equinox_example():
-    pytest.importorskip("equinox", reason="equinox is not installed: pip install equinox")
     return _load_example("equinox_cnn")
 
 

@@ -200,7 +200,6 @@ def test_a_wrong_small_gradient_fails_the_relative_tolerance():
 
 
 def test_bfloat16_mlp_training_on_digits():  # about 5 s: 30 epochs of 45 steps
-    pytest.importorskip("sklearn")
     import optax
 
     from handgrad import data as data_lib

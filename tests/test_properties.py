@@ -10,19 +10,18 @@ per op against autodiff.
 import jax
 import jax.numpy as jnp
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import handgrad as hg
 from handgrad import registry
 
 SPECS = [pytest.param(spec, id=spec.name) for spec in registry.specs()]
-# Every drawn case has new shapes, so check_vjp compiles afresh: ~1–3 s of CPU per example
-# (conv2d and the norms the dearest), and the registry keeps growing. Two per op keep the default
-# run fast (test_ops.py covers the fixed cases); the slow variant draws 200 per op.
-QUICK_EXAMPLES = 2
-SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-            HealthCheck.data_too_large]
+# Example counts come from the hypothesis profile (tests/conftest.py): every drawn case has new
+# shapes, so check_vjp compiles afresh, ~1–3 s of CPU an example. The quick profile's two per op
+# keep the default run short (test_ops.py covers the fixed cases); the slow variant takes the
+# "full" profile, 200 per op.
+FULL = settings.get_profile("full")
 
 # One jitted sampler per distinct case (its id spells out shapes and options): hypothesis
 # draws the same small shapes again and again, and both these samplers and check_vjp's
@@ -54,7 +53,6 @@ def _check_drawn_case(spec, data, finite_differences=True):
 
 
 @pytest.mark.parametrize("spec", SPECS)
-@settings(max_examples=QUICK_EXAMPLES, deadline=None, suppress_health_check=SUPPRESS)
 @given(data=st.data())
 def test_random_case_vjp_matches_autodiff_and_finite_differences(spec, data):
     _check_drawn_case(spec, data)
@@ -62,7 +60,7 @@ def test_random_case_vjp_matches_autodiff_and_finite_differences(spec, data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS)
-@settings(max_examples=200, deadline=None, suppress_health_check=SUPPRESS)
+@settings(FULL)
 @given(data=st.data())
 def test_random_case_vjp_matches_autodiff_slow(spec, data):
     # 200 drawn cases per op, forward and VJP against autodiff (float64, rtol 1e-10). Finite

@@ -160,7 +160,7 @@ def test_metrics_json(tiny_run):
     assert 0.5 < m["test_accuracy"] <= 1.0  # one epoch already learns something
     assert m["final_test_loss"]["hand"] == record["test_loss"]
     assert m["step_time_ms"]["hand"] >= m["step_time_ms_min"]["hand"] > 0
-    assert 0 < m["wall_seconds"] < 600
+    assert m["wall_seconds"] > 0  # recorded, not judged: timings belong to the benchmark
     assert m["resumed_from_epoch"] == {"hand": 0}
     assert m["checkpoints"] == {"hand": "checkpoint.npz"}
     assert "max_param_abs_diff" not in m
