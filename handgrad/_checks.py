@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -58,8 +59,9 @@ def check_same_shape(op: str, name_a: str, a, name_b: str, b) -> None:
 
 def check_axis(op: str, x, axis: int) -> int:
     """Return `axis` normalized to be non-negative, or raise if it is out of range."""
+    check_static(op, "axis", axis, "a Python int")
     if not isinstance(axis, int | np.integer) or isinstance(axis, bool):
-        raise TypeError(f"{op}: `axis` must be a Python int, got {axis!r}.")
+        raise TypeError(f"{op}: `axis` must be a Python int (static), got {axis!r}.")
     ndim = np.ndim(x)
     if not -ndim <= axis < ndim:
         raise ValueError(
@@ -78,8 +80,40 @@ def check_scalar(op: str, name: str, value) -> float:
     return float(value)
 
 
+def check_rate(op: str, rate) -> jax.Array:
+    """A drop probability: a Python number in [0, 1], or a scalar array (possibly traced)."""
+    if isinstance(rate, int | float) and not 0 <= rate <= 1:
+        raise ValueError(f"{op}: `rate` must be in [0, 1], got {rate!r}.")
+    rate = jnp.asarray(rate)
+    if rate.shape != ():
+        raise ValueError(
+            f"{op}: `rate` must be a scalar (a Python float or a 0-d array), got shape "
+            f"{shape_of(rate)} (dtype {dtype_of(rate)})."
+        )
+    return rate
+
+
+def check_static(op: str, name: str, value, expected: str) -> None:
+    """Raise TypeError if `value` (or an entry of it) is an array, concrete or traced.
+
+    Hyper-parameters such as a stride, a window or an axis fix the shapes of the computation,
+    so they must be known at trace time: a ``jnp`` scalar, or a value traced by ``jit`` or
+    ``vmap``, cannot be one."""
+    entries = value if isinstance(value, tuple | list) else (value,)
+    entries = [v for e in entries for v in (e if isinstance(e, tuple | list) else (e,))]
+    arrays = [v for v in entries if isinstance(v, jax.Array | np.ndarray)]
+    if arrays:
+        raise TypeError(
+            f"{op}: `{name}` must be {expected} (static), got an array of shape "
+            f"{shape_of(arrays[0])} and dtype {dtype_of(arrays[0])}. It fixes the shapes of the "
+            f"computation: pass Python ints, not an array or a value traced by jit or vmap."
+        )
+
+
 def pair(op: str, name: str, value, *, minimum: int = 1) -> tuple[int, int]:
     """Normalize an int-or-pair argument (stride, window, dilation) to a pair of ints."""
+    expected = "a Python int or a pair of Python ints"
+    check_static(op, name, value, expected)
     if isinstance(value, int | np.integer) and not isinstance(value, bool):
         result = (int(value), int(value))
     elif (
@@ -89,7 +123,7 @@ def pair(op: str, name: str, value, *, minimum: int = 1) -> tuple[int, int]:
     ):
         result = (int(value[0]), int(value[1]))
     else:
-        raise TypeError(f"{op}: `{name}` must be an int or a pair of ints, got {value!r}.")
+        raise TypeError(f"{op}: `{name}` must be {expected} (static), got {value!r}.")
     if min(result) < minimum:
         raise ValueError(f"{op}: `{name}` must be >= {minimum}, got {value!r}.")
     return result
@@ -133,8 +167,12 @@ def check_conv2d_args(op: str, x, w, b, groups) -> None:
     check_nchw(op, x)
     check_floating(op, "w", w)
     check_rank(op, "w", w, 4, "(O, C/groups, kh, kw)")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{op}: `groups` must be a positive int, got {groups!r}.")
+    check_static(op, "groups", groups, "a Python int")
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"{op}: `groups` must be a Python int (static), got {groups!r}.")
+    if groups < 1:
+        raise ValueError(
+            f"{op}: `groups` must be >= 1 (the number of channel groups), got {groups}.")
     o, cg = w.shape[:2]
     c = x.shape[1]
     if o % groups:
@@ -152,6 +190,8 @@ def check_conv2d_args(op: str, x, w, b, groups) -> None:
 
 def check_padding(op: str, padding) -> None:
     """int | (ph, pw) | ((top, bottom), (left, right)), non-negative, or "VALID" | "SAME"."""
+    check_static(op, "padding", padding,
+                 "an int, (ph, pw), ((top, bottom), (left, right)), 'VALID' or 'SAME'")
     if isinstance(padding, str):
         if padding.upper() not in ("VALID", "SAME"):
             raise ValueError(

@@ -69,12 +69,14 @@ def _acc(z):
 
 def log_softmax(z, axis: int = -1):
     z = jnp.asarray(z)
+    axis = _checks.check_axis("log_softmax", z, axis)
     zf = _acc(z)
     return (zf - jax.nn.logsumexp(zf, axis=axis, keepdims=True)).astype(z.dtype)
 
 
 def softmax(z, axis: int = -1):
     z = jnp.asarray(z)
+    axis = _checks.check_axis("softmax", z, axis)
     zf = _acc(z)
     e = jnp.exp(zf - jax.lax.stop_gradient(jnp.max(zf, axis=axis, keepdims=True)))
     return (e / jnp.sum(e, axis=axis, keepdims=True)).astype(z.dtype)
@@ -210,9 +212,9 @@ def layer_norm(x, gamma, beta, eps=1e-5):
 
 def dropout(x, rate, key, *, training=True):
     x = jnp.asarray(x)
+    rate = _checks.check_rate("dropout", rate)
     if not training:
         return x
-    rate = jnp.asarray(rate)
     keep = jax.random.bernoulli(key, 1 - rate.astype(jnp.float32), x.shape)
     scale = 1 / (1 - rate.astype(jnp.promote_types(x.dtype, jnp.float32)))
     return jnp.where(keep, x * scale, 0).astype(x.dtype)

@@ -133,6 +133,12 @@ def _zeros(*shape, dtype=jnp.float32):
     return jnp.zeros(shape, dtype)
 
 
+def _static_error(name, argument, expected):
+    """The message for an array (concrete or traced) where a static Python value belongs."""
+    return (rf"{name}: `{argument}` must be {expected} \(static\), got an array of shape "
+            r"\(\) and dtype int32")
+
+
 REGISTRY: dict[str, OpSpec] = {}
 
 
@@ -246,7 +252,14 @@ def _register_elementwise(name, op, ref, formula, derivation, sampler=normal, kw
         ) + (
             (BadInput("axis", lambda: (_zeros(2, 3),), ValueError,
                       rf"{name}: `axis` \(=2\) is out of range for an input of shape \(2, 3\)",
-                      {"axis": 2}),)
+                      {"axis": 2}),
+             BadInput("axis-negative", lambda: (_zeros(2, 3),), ValueError,
+                      rf"{name}: `axis` \(=-3\) is out of range for an input of shape \(2, 3\)",
+                      {"axis": -3}),
+             BadInput("axis-float", lambda: (_zeros(2, 3),), TypeError,
+                      rf"{name}: `axis` must be a Python int \(static\), got 1\.0", {"axis": 1.0}),
+             BadInput("axis-array", lambda: (_zeros(2, 3),), TypeError,
+                      _static_error(name, "axis", "a Python int"), {"axis": jnp.int32(1)}))
             if "axis" in kwargs else ()
         ),
     ))
@@ -386,6 +399,47 @@ _register_pair_loss("squared_error", ops.squared_error, reference.squared_error,
 # --- convolution ---------------------------------------------------------------------------
 
 
+_PADDING_FORMS = (r"`padding` must be an int, \(ph, pw\), \(\(top, bottom\), \(left, right\)\), "
+                  r"'VALID' or 'SAME'")
+
+
+def _window_args_bad_inputs(name, args, fixed, window_args):
+    """Malformed padding, non-integer strides and windows, arrays for static arguments."""
+    def bad(id, error, match, **kwargs):
+        return BadInput(id, args, error, match, {**fixed, **kwargs})
+
+    ints = r"a Python int or a pair of Python ints"
+    return (
+        bad("padding-3-tuple", TypeError, rf"{name}: {_PADDING_FORMS}, got \(1, 2, 3\)",
+            padding=(1, 2, 3)),
+        bad("padding-ragged", TypeError, rf"{name}: {_PADDING_FORMS}, got \(\(1,\), \(2, 3\)\)",
+            padding=((1,), (2, 3))),
+        bad("padding-3-per-side", TypeError,
+            rf"{name}: {_PADDING_FORMS}, got \(\(1, 2, 3\), \(0, 0\)\)",
+            padding=((1, 2, 3), (0, 0))),
+        bad("padding-float", TypeError, rf"{name}: {_PADDING_FORMS}, got 1\.5", padding=1.5),
+        bad("padding-unknown-string", ValueError,
+            rf"{name}: `padding` string must be 'VALID' or 'SAME', got 'VALID!'",
+            padding="VALID!"),
+        bad("padding-array", TypeError,
+            _static_error(name, "padding", r"an int, \(ph, pw\), .* 'VALID' or 'SAME'"),
+            padding=jnp.int32(1)),
+        bad("stride-float", TypeError, rf"{name}: `stride` must be {ints} \(static\), got 1\.5",
+            stride=1.5),
+        bad("stride-bool", TypeError, rf"{name}: `stride` must be {ints} \(static\), got True",
+            stride=True),
+        bad("stride-array", TypeError, _static_error(name, "stride", ints),
+            stride=jnp.int32(2)),
+        *(bad(f"{arg}-pair-float", TypeError,
+              rf"{name}: `{arg}` must be {ints} \(static\), got \(1, 2\.0\)", **{arg: (1, 2.0)})
+          for arg in window_args),
+        *(bad(f"{arg}-array-entry", TypeError, _static_error(name, arg, ints),
+              **{arg: (1, jnp.int32(2))})
+          for arg in window_args),
+    )
+
+
+
 def _conv_case(x_shape, w_shape, bias=True, **kwargs):
     def make(key, dtype):
         kx, kw, kb = _keys(key, 3)
@@ -498,6 +552,16 @@ register(OpSpec(
                  ValueError, r"'VALID' or 'SAME', got 'FULL'", {"padding": "FULL"}),
         BadInput("bias-shape", lambda: (_zeros(1, 3, 8, 8), _zeros(4, 3, 3, 3), _zeros(3)),
                  ValueError, r"conv2d: `b` must have shape \(O,\) = \(4,\)"),
+        *(BadInput(f"groups{groups}", lambda: (_zeros(1, 2, 4, 4), _zeros(2, 2, 3, 3)),
+                   ValueError, rf"conv2d: `groups` must be >= 1 \(the number of channel "
+                   rf"groups\), got {groups}", {"groups": groups})
+          for groups in (0, -1)),
+        BadInput("groups-float", lambda: (_zeros(1, 2, 4, 4), _zeros(2, 1, 3, 3)), TypeError,
+                 r"conv2d: `groups` must be a Python int \(static\), got 2\.0", {"groups": 2.0}),
+        BadInput("groups-array", lambda: (_zeros(1, 2, 4, 4), _zeros(2, 1, 3, 3)), TypeError,
+                 _static_error("conv2d", "groups", "a Python int"), {"groups": jnp.int32(2)}),
+        *_window_args_bad_inputs("conv2d", lambda: (_zeros(1, 1, 6, 6), _zeros(1, 1, 3, 3)),
+                                 {}, ("stride", "dilation")),
     ),
 ))
 
@@ -555,6 +619,17 @@ def _pool_bad_inputs(name):
                  rf"{name}: `window` must be >= 1, got \(0, 2\)", {"window": (0, 2)}),
         BadInput("int-x", lambda: (jnp.zeros((1, 1, 4, 4), jnp.int32),), TypeError,
                  rf"{name}: `x` must have a floating dtype, got int32", {"window": 2}),
+        BadInput("window-float", lambda: (_zeros(1, 1, 4, 4),), TypeError,
+                 rf"{name}: `window` must be a Python int or a pair of Python ints \(static\), "
+                 r"got 1\.5", {"window": 1.5}),
+        BadInput("window-bool", lambda: (_zeros(1, 1, 4, 4),), TypeError,
+                 rf"{name}: `window` must be a Python int or a pair of Python ints \(static\), "
+                 r"got True", {"window": True}),
+        # a positional argument: traced under jit, a concrete array outside
+        BadInput("window-array", lambda: (_zeros(1, 1, 4, 4), jnp.int32(2)), TypeError,
+                 _static_error(name, "window", "a Python int or a pair of Python ints")),
+        *_window_args_bad_inputs(name, lambda: (_zeros(1, 1, 6, 6),), {"window": 2},
+                                 ("stride", "window")),
     )
 
 
@@ -720,6 +795,11 @@ register(OpSpec(
         BadInput("int", lambda: (jnp.zeros((4, 3), jnp.int32),), TypeError,
                  r"dropout: `x` must have a floating dtype, got int32",
                  {"rate": 0.5, "key": jax.random.PRNGKey(0)}),
+        # a positional argument: traced under jit (a traced scalar rate is allowed), a
+        # concrete array outside
+        BadInput("rate-shape", lambda: (_zeros(4, 3), jnp.array([0.1, 0.2], jnp.float32)),
+                 ValueError, r"dropout: `rate` must be a scalar \(a Python float or a 0-d "
+                 r"array\), got shape \(2,\) \(dtype float32\)", {"key": jax.random.PRNGKey(0)}),
     ),
 ))
 

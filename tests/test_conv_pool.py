@@ -1028,3 +1028,41 @@ def test_pools_bfloat16_within_tolerance_of_float32(kwargs):
         if pool is hg.max_pool2d and kwargs.get("stride", kwargs["window"]) == kwargs["window"]:
             # non-overlapping routing does no arithmetic: bit-for-bit the float32 result
             np.testing.assert_array_equal(got[1].astype(jnp.float32), want[1])
+
+
+# --- 10. static hyper-parameters: an array or a traced value is refused at trace time --------
+
+W_CONV = np.ones((2, 2, 3, 3)) / 9
+W_DEPTHWISE = np.ones((2, 1, 3, 3)) / 9
+TRACED_HYPERPARAMETERS = {
+    "conv2d-stride": lambda m, x, v: m.conv2d(x, W_CONV, stride=v),
+    "conv2d-dilation": lambda m, x, v: m.conv2d(x, W_CONV, dilation=(1, v)),
+    "conv2d-groups": lambda m, x, v: m.conv2d(x, W_DEPTHWISE, groups=v),
+    "conv2d-padding": lambda m, x, v: m.conv2d(x, W_CONV, padding=((v, 0), (0, 0))),
+    "max_pool2d-window": lambda m, x, v: m.max_pool2d(x, v),
+    "max_pool2d-stride": lambda m, x, v: m.max_pool2d(x, 2, stride=(v, 1)),
+    "avg_pool2d-window": lambda m, x, v: m.avg_pool2d(x, (2, v)),
+    "avg_pool2d-padding": lambda m, x, v: m.avg_pool2d(x, 2, padding=v),
+}
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+@pytest.mark.parametrize("module", ["ops", "reference"])
+@pytest.mark.parametrize("case", list(TRACED_HYPERPARAMETERS))
+def test_traced_hyperparameter_is_refused_with_a_clear_error(case, module, transform):
+    """A stride, window, dilation, padding or group count fixes the shapes of the computation:
+    passed through jit or vmap it is a tracer, and the op (and the reference, which shares the
+    checks) says it wants a static Python int, naming the argument, before computing anything.
+    (tests/test_ops.py's bad-input rows cover concrete jnp scalars and traced pool windows.)"""
+    op, argument = case.split("-")
+    seed = zlib.crc32(f"{case}-{module}-{transform}".encode())
+    x = np.random.default_rng(seed).standard_normal((1, 2, 6, 6))
+    m = hg if module == "ops" else hg.reference
+    call = TRACED_HYPERPARAMETERS[case]
+    match = (rf"{op}: `{argument}` must be .* \(static\), got an array of shape \(\) and dtype "
+             r"int32\. It fixes the shapes of the computation")
+    with pytest.raises(TypeError, match=match):
+        if transform == "jit":
+            jax.jit(lambda x, v: call(m, x, v))(x, jnp.int32(2))
+        else:
+            jax.vmap(lambda v: call(m, x, v))(jnp.array([2, 2], jnp.int32))

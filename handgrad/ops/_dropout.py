@@ -70,11 +70,7 @@ def dropout(x, rate, key, *, training: bool = True):
     op = "dropout"
     x = jnp.asarray(x)
     _checks.check_floating(op, "x", x)
-    if isinstance(rate, int | float) and not 0 <= rate <= 1:
-        raise ValueError(f"{op}: `rate` must be in [0, 1], got {rate}.")
-    rate = jnp.asarray(rate)
-    if rate.shape != ():
-        raise ValueError(f"{op}: `rate` must be a scalar, got shape {tuple(rate.shape)}.")
+    rate = _checks.check_rate(op, rate)
     if not training:
         return x
     return _dropout(x, rate, key)
