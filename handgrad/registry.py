@@ -153,6 +153,16 @@ def specs() -> list[OpSpec]:
     return list(REGISTRY.values())
 
 
+def first_of_each_family() -> frozenset[str]:
+    """The first registered op of each family (dense, conv2d, max_pool2d, lstm, attention, …):
+    where a test's every-op version is long, the quick suite runs it on these and `-m slow`
+    on all."""
+    firsts: dict[str, str] = {}
+    for spec in REGISTRY.values():
+        firsts.setdefault(spec.family, spec.name)
+    return frozenset(firsts.values())
+
+
 # --- dense and flatten ---------------------------------------------------------------------
 
 

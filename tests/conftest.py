@@ -38,12 +38,19 @@ settings.load_profile(os.environ.get("HANDGRAD_HYPOTHESIS_PROFILE", "quick"))
 
 @pytest.fixture(autouse=True)
 def _release_compiled_programs():
-    """Drop JAX's compiled programs after every test. A worker runs hundreds of tests that each
-    compile fresh shapes; every XLA:CPU executable keeps memory mappings, and without this a
-    worker reached ~52,000 of Linux's 65,530 (vm.max_map_count) and LLVM segfaulted on the
-    next compile. Tests share almost no programs, so nothing is lost."""
+    """Drop JAX's compiled programs every CLEAR_EVERY tests. A worker runs hundreds of tests
+    that each compile fresh shapes; every XLA:CPU executable keeps memory mappings, and without
+    this a worker reached ~52,000 of Linux's 65,530 (vm.max_map_count) and LLVM segfaulted on
+    the next compile. Neighbouring tests share some programs (samplers, references), which a
+    clear after every test would compile again."""
     yield
-    jax.clear_caches()
+    _TESTS_RUN[0] += 1
+    if _TESTS_RUN[0] % CLEAR_EVERY == 0:
+        jax.clear_caches()
+
+
+CLEAR_EVERY = 10
+_TESTS_RUN = [0]
 
 
 def pytest_generate_tests(metafunc):

@@ -174,6 +174,7 @@ CHILD = textwrap.dedent("""
 KILLS = [(2, "none"), (2, "half"), (1, "all")]
 
 
+@pytest.mark.slow  # three training subprocesses, each killed mid-save
 def test_a_process_killed_while_saving_never_leaves_a_damaged_checkpoint(tmp_path):
     child = tmp_path / "child.py"
     child.write_text(CHILD.format(tests=str(REPO / "tests")))

@@ -70,7 +70,9 @@ def data(seed, m, n_in, k, dtype=jnp.float64):
 # --- jit: every registered op, hand VJP under jit = eager ------------------------------------
 
 
-@pytest.mark.parametrize("spec", registry.specs(), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [  # quick: one op per family; `-m slow`: every op
+    pytest.param(s, id=s.name, marks=() if s.name in registry.first_of_each_family()
+                 else (pytest.mark.slow,)) for s in registry.specs()])
 def test_vjp_under_jit_equals_eager(spec):
     case = spec.cases[0]
     args = jax.jit(case.make_args, static_argnums=1)(jax.random.PRNGKey(1), jnp.dtype("float64"))

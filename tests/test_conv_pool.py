@@ -262,6 +262,7 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
 @pytest.mark.parametrize("case_index", [i for i, case in enumerate(CONV_CASES)
                                         if case.kwargs.get("groups", 1) == 1],
                          ids=lambda i: CONV_CASES[i].id)
+@pytest.mark.slow
 def test_off_cpu_weight_grad_agrees_on_cpu(case_index):
     """Off the CPU the forward and dx are the textbook evaluations (run on CPU by test_ops with
     fast paths off), and so is a grouped dw; an ungrouped dw is XLA's convolution, a branch
@@ -398,7 +399,8 @@ def test_cpu_convolutions_inflated_exactly_where_measured_faster(
     assert "lhs_dilate = [2, 2]" not in cuda
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=() if s < 4 else (pytest.mark.slow,))
+                                  for s in range(40)])
 def test_inflated_convolution_is_the_same_sum(seed):
     """Spreading the input 2 apart and doubling padding, stride and window dilation reads the
     same entries (docs/performance.md#conv2d-inflated): float32, random shapes, strides,
@@ -970,11 +972,15 @@ def bf16_vs_f32(fn, args, ct):
     ((2, 3, 10, 9), (4, 3, 3, 3), dict()),  # few channels: banded forward and dw, col2im dx
     ((2, 3, 10, 9), (4, 3, 3, 3), dict(stride=2, padding=1)),
     ((2, 6, 8, 7), (4, 6, 3, 3), dict(padding=1)),  # XLA forward, col2im dx
-    ((2, 9, 8, 7), (4, 9, 3, 3), dict(padding=1)),  # XLA's convolutions
-    ((2, 6, 7, 8), (5, 6, 1, 1), dict(stride=2)),  # 1×1: batched GEMMs
+    pytest.param((2, 9, 8, 7), (4, 9, 3, 3), dict(padding=1),  # XLA's convolutions
+                 marks=pytest.mark.slow),
+    pytest.param((2, 6, 7, 8), (5, 6, 1, 1), dict(stride=2),  # 1×1: batched GEMMs
+                 marks=pytest.mark.slow),
     ((2, 4, 9, 8), (8, 1, 3, 3), dict(groups=4, padding=1)),  # depthwise, multiplier 2
-    ((2, 16, 6, 6), (8, 4, 3, 3), dict(groups=4, padding=1)),  # per group: XLA fwd, col2im dx
-    ((2, 68, 5, 6), (68, 2, 3, 3), dict(groups=34, padding=1)),  # per group by lax.map, banded
+    pytest.param((2, 16, 6, 6), (8, 4, 3, 3), dict(groups=4, padding=1),  # per group: XLA fwd,
+                 marks=pytest.mark.slow),                                # col2im dx
+    pytest.param((2, 68, 5, 6), (68, 2, 3, 3), dict(groups=34, padding=1),  # per group by
+                 marks=pytest.mark.slow),                                   # lax.map, banded
 ], ids=str)
 def test_conv2d_bfloat16_within_tolerance_of_float32(x_shape, w_shape, kwargs):
     """Every evaluation path (docs/performance.md#conv2d) takes 16-bit inputs and returns

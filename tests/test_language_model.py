@@ -94,7 +94,8 @@ def test_a_python_float_cotangent_is_accepted():
 # --- the models: hand = autodiff --------------------------------------------------------------
 
 
-MODEL_CASES = [("lstm", {}), ("gpt", {"attention": "textbook"}), ("gpt", {"attention": "flash"})]
+MODEL_CASES = [("lstm", {}), pytest.param("gpt", {"attention": "flash"}, marks=pytest.mark.slow),
+               pytest.param("gpt", {"attention": "textbook"}, marks=pytest.mark.slow)]
 
 
 def _model(name, options, vocab=11, t=9, dtype=jnp.float64):

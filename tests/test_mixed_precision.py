@@ -24,10 +24,12 @@ from handgrad import registry, tolerances
 
 LOW_DTYPES = ("bfloat16", "float16")
 SPECS = registry.specs()
-QUICK_CASES = 1  # the first case of each op runs in the quick suite, all cases in `-m slow`
+# The quick suite: the first case of the first op of each family; `-m slow`: every case.
+QUICK = registry.first_of_each_family()
 CASES = [
     pytest.param(spec, case, dtype, id=f"{spec.name}-{dtype}-{case.id}",
-                 marks=() if index < QUICK_CASES else (pytest.mark.slow,))
+                 marks=() if index == 0 and spec.name in QUICK and dtype == "bfloat16"
+                 else (pytest.mark.slow,))
     for spec in SPECS
     for index, case in enumerate(spec.cases)
     for dtype in LOW_DTYPES
@@ -143,6 +145,7 @@ STRESS = [pytest.param(name, dtype, id=f"{name}-{dtype}")
           for name in STRESS_ARGS for dtype in LOW_DTYPES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, dtype", STRESS)
 def test_long_reductions_stay_within_tolerance(name, dtype):
     low = jnp.dtype(dtype)
@@ -199,6 +202,7 @@ def test_a_wrong_small_gradient_fails_the_relative_tolerance():
 # --- a bfloat16 training run ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bfloat16_mlp_training_on_digits():  # about 5 s: 30 epochs of 45 steps
     import optax
 

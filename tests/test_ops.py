@@ -34,32 +34,53 @@ def takes_fast_path(spec, case) -> bool:
                                                             **case.kwargs).values())
 
 
+QUICK_CASES = 1  # per op in the quick suite; every case under `-m slow`
+
+
 def _case_params():
-    """(spec, case, dtype, fast) for every case and dtype with fast paths on; with them off
-    for the cases that take one — in the quick suite in float64 (autodiff and finite
-    differences), in float32 under `-m slow`."""
+    """(spec, case, dtype, fast) for every case and dtype with fast paths on, and with them
+    off for the cases that take one. The quick suite proves every op on its first
+    QUICK_CASES cases in float64 (autodiff and finite differences), and the textbook
+    evaluation on the first case that has a faster one; `-m slow` runs all the rest (every
+    case, float32 and 16-bit dtypes, every case textbook)."""
     for spec in SPECS:
-        for case in spec.cases:
+        first_textbook = True
+        for index, case in enumerate(spec.cases):
             both_ways = takes_fast_path(spec, case)
             for dtype in spec.dtypes:
-                yield pytest.param(spec, case, dtype, True, id=f"{spec.name}-{dtype}-{case.id}")
+                quick = dtype == "float64" and index < QUICK_CASES
+                yield pytest.param(spec, case, dtype, True, id=f"{spec.name}-{dtype}-{case.id}",
+                                   marks=() if quick else (pytest.mark.slow,))
                 if both_ways:
+                    quick = dtype == "float64" and first_textbook
+                    first_textbook = first_textbook and dtype != "float64"
                     yield pytest.param(
                         spec, case, dtype, False, id=f"{spec.name}-{dtype}-{case.id}-textbook",
-                        marks=() if dtype == "float64" else (pytest.mark.slow,))
+                        marks=() if quick else (pytest.mark.slow,))
 
 
 CASES = list(_case_params())
 
 
+QUICK_FAMILY = registry.first_of_each_family()
+
+
+def _quick_family(specs):
+    """The quick suite's sample of a per-op property: the first op of each family (every op
+    runs under `-m slow`)."""
+    return [pytest.param(s, id=s.name, marks=() if s.name in QUICK_FAMILY else (pytest.mark.slow,))
+            for s in specs]
+
+
 def _second_order_params():
-    """Grad-of-grad and vmap in float64: the first three cases of each op in the quick suite
-    (with fast paths off too for the first that takes one), all in `-m slow`."""
+    """Grad-of-grad and vmap in float64: the first case of the first op of each family in the
+    quick suite (and, with fast paths off, the first case that takes one), all in `-m slow`."""
     for spec in SPECS:
         f64 = [p for p in CASES if p.values[0] is spec and p.values[2] == "float64"]
         first_textbook = next((p for p in f64 if not p.values[3]), None)
         for index, p in enumerate(q for q in f64 if q.values[3]):
-            yield pytest.param(*p.values, id=p.id, marks=() if index < 3 else (pytest.mark.slow,))
+            quick = index == 0 and spec.name in QUICK_FAMILY
+            yield pytest.param(*p.values, id=p.id, marks=() if quick else (pytest.mark.slow,))
         for p in f64:
             if not p.values[3]:
                 yield pytest.param(*p.values, id=p.id,
@@ -146,7 +167,7 @@ def test_switch_off_traces_the_textbook_evaluation_of_cases_run_both_ways():
     assert {name for name, _ in seen} >= {"conv2d", "max_pool2d", "avg_pool2d"}
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", _quick_family(SPECS))
 def test_jaxpr_contains_custom_vjp_call(spec):
     case = spec.cases[0]
     args = case.make_args(jax.random.PRNGKey(0), jnp.dtype("float32"))
@@ -154,15 +175,20 @@ def test_jaxpr_contains_custom_vjp_call(spec):
     assert "custom_vjp_call" in jaxpr, jaxpr
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def _value_and_pullback_of_ones(f, *args):
+    out, pullback = jax.vjp(f, *args)
+    return out, pullback(jnp.ones_like(out))
+
+
+@pytest.mark.parametrize("spec", _quick_family(SPECS))
 def test_cotangents_keep_dtype_bfloat16(spec):
     """Every cotangent has its primal's dtype, also for bfloat16 (JAX does not enforce it)."""
     case = spec.cases[0]
     args = case.make_args(jax.random.PRNGKey(0), jnp.dtype("bfloat16"))
     f, floating = spec.of_floating_args(args, case.kwargs)
-    out, pullback = jax.vjp(f, *floating)
+    out, grads = jax.jit(lambda *a: _value_and_pullback_of_ones(f, *a))(*floating)
     assert out.dtype == jnp.bfloat16
-    for primal, g in zip(floating, pullback(jnp.ones_like(out))):
+    for primal, g in zip(floating, grads):
         assert g.dtype == primal.dtype and g.shape == primal.shape
 
 

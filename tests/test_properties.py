@@ -52,6 +52,7 @@ def _check_drawn_case(spec, data, finite_differences=True):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS)
 @given(data=st.data())
 def test_random_case_vjp_matches_autodiff_and_finite_differences(spec, data):

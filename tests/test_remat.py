@@ -180,6 +180,9 @@ def _per_op(ops):
 
 POLICIES = jax.checkpoint_policies
 MODES = ("checkpoint", "nothing_saveable", "everything_saveable", "per_op")
+# Between them every family; the other compositions run under `-m slow`.
+REMAT_QUICK = {"conv-relu-maxpool-dense-ce", "layernorm-dropout-leakyrelu-bce",
+               "dense-attention-flash-mse", "embedding-rmsnorm-lstm-gru-gelu-ce"}
 
 
 def _loss(name, mode, ops):
@@ -243,8 +246,10 @@ def _count_custom_vjp_calls(jaxpr):
     return count
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(COMPOSITIONS))
+@pytest.mark.parametrize("mode", [  # quick: jax.checkpoint of the whole loss; `-m slow`: all
+    pytest.param(m, marks=() if m == "checkpoint" else (pytest.mark.slow,)) for m in MODES])
+@pytest.mark.parametrize("name", [  # quick: three compositions that cover every family
+    pytest.param(n, marks=() if n in REMAT_QUICK else (pytest.mark.slow,)) for n in COMPOSITIONS])
 def test_remat_gradients_equal_no_remat_and_reference(name, mode):
     data = _data(name)
     (value, grads), (ref_value, ref_grads) = _baseline(name)
@@ -289,7 +294,9 @@ RATES = {"python-float": lambda: 0.4, "weak-array-in-trace": lambda: jnp.asarray
 
 
 @pytest.mark.parametrize("rate", list(RATES))
-@pytest.mark.parametrize("transform", ["checkpoint", "nothing_saveable", "grad_of_jit"])
+@pytest.mark.parametrize("transform", ["checkpoint",
+                                       pytest.param("nothing_saveable", marks=pytest.mark.slow),
+                                       "grad_of_jit"])
 def test_dropout_python_float_rate_under_remat_and_grad_of_jit(transform, rate):
     x = _normal(jax.random.PRNGKey(1), (4, 6))
     r = RATES[rate]

@@ -228,7 +228,8 @@ def test_gate_order_and_formulation_match_flax_cells(kind):
         np.testing.assert_allclose(c_last, carry[0], rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("policy", [None, "nothing_saveable", "everything_saveable"])
+@pytest.mark.parametrize("policy", [None, pytest.param("nothing_saveable", marks=pytest.mark.slow),
+                                    pytest.param("everything_saveable", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
 def test_checkpoint_gives_the_same_gradients(kind, policy):
     args = recurrent_args(kind, 2, 7, 3, 4, "remat")
@@ -239,7 +240,8 @@ def test_checkpoint_gives_the_same_gradients(kind, policy):
                   f"{kind} [{policy}] vs autodiff")
 
 
-@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("kind", [pytest.param("rnn", marks=pytest.mark.slow), "lstm",
+                                  pytest.param("gru", marks=pytest.mark.slow)])
 def test_vmap_gives_per_sequence_gradients(kind):
     """Each sequence of a batch of 5 as its own batch of one, under vmap: the weight gradients
     of every sequence, equal to autodiff's, to a Python loop, and summing to the batch's."""
@@ -314,7 +316,8 @@ def _language_model_loss(kind, ops):
     return loss
 
 
-@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("kind", [pytest.param("rnn", marks=pytest.mark.slow), "lstm",
+                                  pytest.param("gru", marks=pytest.mark.slow)])
 def test_training_hand_equals_autodiff_over_60_steps(kind):
     """60 Adam steps on next-token prediction of a fixed random token stream with a repeating
     pattern: the parameters trained with hand VJPs equal those trained with autodiff (float64,
@@ -353,7 +356,7 @@ def test_training_hand_equals_autodiff_over_60_steps(kind):
 # --- 16-bit inputs -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float16", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
 def test_16_bit_sequences_stay_within_the_float32_tolerance(kind, dtype):
     """T = 64, H = 32 in 16 bits against float32 on the same (rounded) inputs: the states,

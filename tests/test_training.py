@@ -117,10 +117,11 @@ def run_steps(name, ops, dtype, optimizer, x, y, steps, batch_size):
 # adam amplifying rounding, not a backward-pass error, so that case is not a good parity probe.)
 PARITY = [
     ("mlp", 512, jnp.float64, "adam", tolerances.autodiff_tolerance("float64").rtol),
-    ("mlp", 512, jnp.float64, "sgd", tolerances.autodiff_tolerance("float64").rtol),
-    ("mlp", 512, jnp.float32, "adam", 1e-5),
+    pytest.param("mlp", 512, jnp.float64, "sgd", tolerances.autodiff_tolerance("float64").rtol,
+                 marks=pytest.mark.slow),
+    pytest.param("mlp", 512, jnp.float32, "adam", 1e-5, marks=pytest.mark.slow),
     ("cnn", 256, jnp.float64, "adam", tolerances.autodiff_tolerance("float64").rtol),
-    ("cnn", 256, jnp.float32, "sgd", 1e-5),
+    pytest.param("cnn", 256, jnp.float32, "sgd", 1e-5, marks=pytest.mark.slow),
 ]
 OPTIMIZERS = {"adam": lambda: optax.adam(1e-2), "sgd": lambda: optax.sgd(0.1, momentum=0.9)}
 PARITY_STEPS = 50
@@ -129,7 +130,8 @@ PARITY_STEPS = 50
 @pytest.mark.parametrize(
     ("name", "n", "dtype", "optimizer", "bound"),
     PARITY,
-    ids=[f"{p[0]}-{jnp.dtype(p[2]).name}-{p[3]}" for p in PARITY],
+    ids=[f"{v[0]}-{jnp.dtype(v[2]).name}-{v[3]}"
+         for v in (getattr(p, "values", p) for p in PARITY)],
 )
 def test_hand_and_autodiff_training_agree(digits, name, n, dtype, optimizer, bound):
     x, y = digits.x_train[:n].astype(dtype), digits.y_train[:n]
