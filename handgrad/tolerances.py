@@ -80,6 +80,22 @@ LOW_PRECISION_VS_FLOAT32: dict[str, Tolerance] = {
 }
 
 
+# How far apart two runs of the same backward may be (check_vjp's ``nondet_tol``, absolute, as
+# in gradcheck). XLA:CPU is deterministic: 0. On an NVIDIA H200 (jax 0.11.2) a grouped conv2d's
+# weight gradient differed by 4.8e-7 between two runs in float32 (cuDNN's reductions are not
+# ordered): the order of a sum, not a formula — a few float32 ulps of gradients of size ~10.
+NONDETERMINISM: dict[str, dict[str, float]] = {
+    "cpu": {},
+    "gpu": {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-1, "float16": 1e-2},
+    "tpu": {"float32": 1e-5, "bfloat16": 1e-1},
+}
+
+
+def nondeterminism_tolerance(dtype, platform: str = "cpu") -> float:
+    """check_vjp's ``nondet_tol`` for this platform and dtype (0 where runs are bit-identical)."""
+    return NONDETERMINISM[platform_family(platform)].get(jnp.dtype(dtype).name, 0.0)
+
+
 def platform_family(platform: str) -> str:
     """Map JAX platform names ('cuda', 'rocm', 'METAL', …) onto the table's families."""
     platform = platform.lower()

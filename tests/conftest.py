@@ -15,6 +15,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     ).strip()
 
+# Under pytest-xdist every worker is a process of its own: on a GPU each would take JAX's default
+# 75 % of the memory at start, and the second one fails with CUDA_ERROR_OUT_OF_MEMORY.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 import jax
 import pytest
 

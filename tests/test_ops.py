@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 import handgrad as hg
-from handgrad import ops, registry
+from handgrad import ops, registry, tolerances
 from handgrad.ops import fast
 
 SPECS = registry.specs()
@@ -112,7 +112,9 @@ def _check(spec, case, dtype, fast_paths, platform, **options):
     switch = contextlib.nullcontext() if fast_paths else hg.fast_paths(False)
     with jax.default_device(jax.devices(platform)[0]), _precision(platform), switch:
         result = hg.check_vjp(spec.op, spec.reference, *args, kwargs=case.kwargs, key=k_check,
-                              name=f"{spec.name}[{case.id}]", **{**case.check, **options})
+                              name=f"{spec.name}[{case.id}]",
+                              nondet_tol=tolerances.nondeterminism_tolerance(dtype, platform),
+                              **{**case.check, **options})
     enabled = fast_paths and hg.fast_paths_enabled()
     return result, f"seed {seed}, fast paths {'on' if enabled else 'off'}: {result}"
 
@@ -126,10 +128,22 @@ def test_vjp_matches_autodiff_and_finite_differences(spec, case, dtype, fast_pat
         assert any("finite diff" in c.what for c in result.comparisons), report
 
 
+# On GPUs JAX differentiates reduce_window max a second time at reduced precision (its
+# UserWarning: "Using reduced precision for gradient of reduce-window min/max operator"): there
+# the reference's own J·u is only float32-accurate (3e-7 on an H200), not the hand rule's.
+REFERENCE_SECOND_ORDER_REDUCED_OFF_CPU = {"max_pool2d": 1e-5}
+
+
 @pytest.mark.parametrize("spec, case, dtype, fast_paths", CASES_F64)
 def test_grad_of_grad_and_vmap(spec, case, dtype, fast_paths, platform):
     result, report = _check(spec, case, dtype, fast_paths, platform, finite_differences=False,
                             second_order=spec.second_order, vmap=True)
+    bound = REFERENCE_SECOND_ORDER_REDUCED_OFF_CPU.get(spec.name)
+    if platform != "cpu" and bound is not None:
+        wrong = [c for c in result.comparisons if not c.ok]
+        assert all(c.what.startswith("grad-of-grad cotangent") and c.unverified == ""
+                   and c.max_abs_err <= bound * max(c.ref_scale, 1.0) for c in wrong), report
+        return
     assert result.ok, report
 
 

@@ -31,6 +31,15 @@ from handgrad.bench.torch_baselines import torch
 
 # float32 gradients whose sums ran in another order differ by ~1e-6 of their largest entry
 AGREEMENT_RTOL = 1e-3
+# On a GPU, JAX's default float32 matmuls and convolutions run as TF32 (a 10-bit mantissa) while
+# PyTorch's matmuls do not: on an H200 the MLP's first-layer bias gradient differed by 2.6e-2 of
+# its largest entry between the two (docs/platforms.md). Off the CPU a variant must agree to
+# this; a wrong formula is still off by O(1).
+AGREEMENT_RTOL_OFF_CPU = 1e-1
+
+
+def agreement_rtol() -> float:
+    return AGREEMENT_RTOL if jax.default_backend() == "cpu" else AGREEMENT_RTOL_OFF_CPU
 
 
 @dataclass
@@ -83,7 +92,7 @@ def check_agreement(reference, output, name: str, reference_name: str) -> float:
     """The worst leaf-wise ``max|output − reference| / max|reference|`` of two variants' results.
 
     Raises ``AssertionError`` (the workload is then reported as failed, not timed) when the
-    structures differ or the difference exceeds ``AGREEMENT_RTOL``: the variants must compute
+    structures differ or the difference exceeds ``agreement_rtol()``: the variants must compute
     the same gradient, in the same order of leaves, or their times mean nothing."""
     ref_leaves, out_leaves = _host_leaves(reference), _host_leaves(output)
     shapes = [a.shape for a in ref_leaves], [a.shape for a in out_leaves]
@@ -95,11 +104,11 @@ def check_agreement(reference, output, name: str, reference_name: str) -> float:
         scale = float(np.max(np.abs(ref), initial=0.0))
         diff = float(np.max(np.abs(out - ref), initial=0.0))
         rel = diff / scale if scale > 0 else diff
-        if not rel <= AGREEMENT_RTOL:  # also catches NaN
+        if not rel <= agreement_rtol():  # also catches NaN
             raise AssertionError(
                 f"variant {name!r} disagrees with {reference_name!r} at output leaf {k} "
                 f"{ref.shape}: max|diff| {diff:.3g} = {rel:.3g} of max|{reference_name}| "
-                f"(allowed {AGREEMENT_RTOL:g})")
+                f"(allowed {agreement_rtol():g})")
         worst = max(worst, rel)
     return worst
 
