@@ -41,21 +41,32 @@ settings.register_profile("quick", max_examples=2, **_COMMON)
 settings.register_profile("full", max_examples=200, **_COMMON)
 settings.load_profile(os.environ.get("HANDGRAD_HYPOTHESIS_PROFILE", "quick"))
 
-@pytest.fixture(autouse=True)
-def _release_compiled_programs():
-    """Drop JAX's compiled programs every CLEAR_EVERY tests. A worker runs hundreds of tests
-    that each compile fresh shapes; every XLA:CPU executable keeps memory mappings, and without
-    this a worker reached ~52,000 of Linux's 65,530 (vm.max_map_count) and LLVM segfaulted on
-    the next compile. Neighbouring tests share some programs (samplers, references), which a
-    clear after every test would compile again."""
-    yield
-    _TESTS_RUN[0] += 1
-    if _TESTS_RUN[0] % CLEAR_EVERY == 0:
+def memory_mappings() -> int | None:
+    """How many memory mappings this process holds (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return None
+
+
+def release_compiled_programs_if_needed(limit: int = 20_000) -> None:
+    """Drop JAX's compiled programs when this process holds more than `limit` memory mappings.
+    Every XLA:CPU executable keeps some, and a worker that reached ~52,000 of Linux's 65,530
+    (vm.max_map_count) segfaulted in LLVM on its next compile. Where the count cannot be read,
+    drop them every time. Hypothesis tests call this between examples too (each example compiles
+    fresh shapes)."""
+    count = memory_mappings()
+    if count is None or count > limit:
         jax.clear_caches()
 
 
-CLEAR_EVERY = 10
-_TESTS_RUN = [0]
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """After each test, as needed: neighbouring tests share some programs (samplers,
+    references), which clearing after every test would compile again."""
+    yield
+    release_compiled_programs_if_needed()
 
 
 def pytest_generate_tests(metafunc):

@@ -10,6 +10,7 @@ per op against autodiff.
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import release_compiled_programs_if_needed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,6 +39,7 @@ def _make_args(spec, case, key):
 
 
 def _check_drawn_case(spec, data, finite_differences=True):
+    release_compiled_programs_if_needed()  # 200 examples compile thousands of programs
     case = spec.random_case(lambda lo, hi: data.draw(st.integers(lo, hi)))
     seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
     k_args, k_check = jax.random.split(jax.random.PRNGKey(seed))
