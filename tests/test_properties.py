@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import release_compiled_programs_if_needed
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import handgrad as hg
@@ -48,6 +48,14 @@ def _check_drawn_case(spec, data, finite_differences=True):
     result = hg.check_vjp(spec.op, spec.reference, *args, kwargs=case.kwargs, key=k_check,
                           name=f"{spec.name}[{case.id}]",
                           finite_differences=finite_differences)
+    # A draw in which no input reaches an output (a 1×1 image whose strided windows read only
+    # padding; one negative entry under slope 0; causal attention where each query sees one
+    # key, so dq = dk = 0) proves nothing: both sides are exactly zero. Such a draw is not
+    # counted (hypothesis draws another); anything else that is not ok fails.
+    failing = [c for c in result.comparisons if not c.ok]
+    vacuous = failing and all(c.within and c.zero_reference and c.hand_scale == 0.0
+                              and c.unverified for c in failing)
+    assume(not (vacuous and not result.problems))
     assert result.ok, str(result)
     if finite_differences:
         assert any("finite diff" in c.what for c in result.comparisons), str(result)

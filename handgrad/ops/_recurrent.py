@@ -220,8 +220,12 @@ def _rnn_step(x, h_prev, w_x, w_h, b):
 
 
 def _rnn_step_fwd(x, h_prev, w_x, w_h, b):
-    h = _rnn_step(x, h_prev, w_x, w_h, b)
-    return h, (x, h_prev, w_x, w_h, b, h)  # residuals: the inputs and the output h (for tanh')
+    acc = _acc_dtype(x, h_prev, w_x, w_h, b)
+    zx = x.astype(acc) @ w_x.astype(acc).T
+    h = _rnn_cell(zx, h_prev.astype(acc), w_h.astype(acc).T, b.astype(acc))
+    # residuals: the inputs and h in the accumulation dtype — tanh' = 1 − h² from a 16-bit h
+    # near ±1 would lose its digits to cancellation
+    return h.astype(_out_dtype(x, h_prev, w_x, w_h, b)), (x, h_prev, w_x, w_h, b, h)
 
 
 def _rnn_step_bwd(res, g):
