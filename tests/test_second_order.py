@@ -180,9 +180,9 @@ JVP_MESSAGE = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
 # against the reference's). jax.jvp (hence jax.jacfwd) always raises.
 # The sequence ops rnn, lstm and gru likewise: their `_fwd` runs the forward scan once in plain
 # JAX and keeps its states as residuals (calling the op for the primal would run the recurrence
-# twice), and their `_bwd` is a plain reverse scan (derivations §10.6). Their step ops call the
-# op itself in `_fwd`, and raise.
-JAX_HESSIAN_SUCCEEDS = {"max_pool2d", "softmax_cross_entropy", "rnn", "lstm", "gru"}
+# twice), and their `_bwd` is a plain reverse scan (derivations §10.6). rnn_step's `_fwd` too
+# computes h in plain JAX (to keep it in float32); lstm_step and gru_step call the op, and raise.
+JAX_HESSIAN_SUCCEEDS = {"max_pool2d", "softmax_cross_entropy", "rnn", "lstm", "gru", "rnn_step"}
 # One op per family (the first that raises), and the exceptions.
 FORWARD_MODE_PARAMS = [
     pytest.param(spec, id=f"{family}-{spec.name}",
