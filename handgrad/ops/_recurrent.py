@@ -211,18 +211,20 @@ def rnn(x, h0, w_x, w_h, b):
     return _rnn(x, h0, w_x, w_h, b)
 
 
-@jax.custom_vjp
-def _rnn_step(x, h_prev, w_x, w_h, b):
+def _rnn_step_h(x, h_prev, w_x, w_h, b):
+    """h = tanh(x·W_xᵀ + h_prev·W_hᵀ + b), in the accumulation dtype."""
     acc = _acc_dtype(x, h_prev, w_x, w_h, b)
     zx = x.astype(acc) @ w_x.astype(acc).T
-    h = _rnn_cell(zx, h_prev.astype(acc), w_h.astype(acc).T, b.astype(acc))
-    return h.astype(_out_dtype(x, h_prev, w_x, w_h, b))
+    return _rnn_cell(zx, h_prev.astype(acc), w_h.astype(acc).T, b.astype(acc))
+
+
+@jax.custom_vjp
+def _rnn_step(x, h_prev, w_x, w_h, b):
+    return _rnn_step_h(x, h_prev, w_x, w_h, b).astype(_out_dtype(x, h_prev, w_x, w_h, b))
 
 
 def _rnn_step_fwd(x, h_prev, w_x, w_h, b):
-    acc = _acc_dtype(x, h_prev, w_x, w_h, b)
-    zx = x.astype(acc) @ w_x.astype(acc).T
-    h = _rnn_cell(zx, h_prev.astype(acc), w_h.astype(acc).T, b.astype(acc))
+    h = _rnn_step_h(x, h_prev, w_x, w_h, b)
     # residuals: the inputs and h in the accumulation dtype — tanh' = 1 − h² from a 16-bit h
     # near ±1 would lose its digits to cancellation
     return h.astype(_out_dtype(x, h_prev, w_x, w_h, b)), (x, h_prev, w_x, w_h, b, h)
