@@ -30,11 +30,19 @@ class Case:
     """One concrete way to call an op: an id, an argument sampler, static keyword arguments."""
 
     id: str
-    make_args: Callable[[jax.Array, jnp.dtype], tuple]
+    # (key, dtype) -> the arguments as NumPy arrays, drawn on the host (see the samplers)
+    sample: Callable[[jax.Array, jnp.dtype], tuple]
     kwargs: dict = field(default_factory=dict)
     # options for check_vjp, e.g. {"allow_zero": True} where a gradient is exactly zero by
     # the mathematics (say why beside the case)
     check: dict = field(default_factory=dict)
+
+    def make_args(self, key: jax.Array, dtype) -> tuple:
+        """The arguments for ``key`` (a concrete JAX key: they are drawn on the host, so not
+        under ``jit``), as JAX arrays of ``dtype`` (integer labels and masks keep theirs)."""
+        dtype = jnp.dtype(dtype)
+        return tuple(jnp.asarray(a, dtype if jnp.issubdtype(a.dtype, jnp.floating) else None)
+                     for a in self.sample(key, dtype))
 
 
 @dataclass(frozen=True)
@@ -82,17 +90,31 @@ class OpSpec:
 
 
 # --- samplers ------------------------------------------------------------------------------
+# Inputs are drawn on the host with NumPy, from a generator seeded by the JAX key's words: a
+# jitted jax.random sampler would cost one XLA compilation per shape, and the tests draw
+# thousands of shapes. `Case.make_args` hands the arrays to JAX.
+
+
+def _rng(key) -> np.random.Generator:
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
+
+
+def _keys(key, n):
+    """``n`` independent keys drawn from ``key`` (raw uint32 words, as ``PRNGKey`` makes)."""
+    return list(_rng(key).integers(0, 2**32, (n, 2), dtype=np.uint32))
 
 
 def normal(key, shape, dtype, scale=1.0):
-    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return (scale * _rng(key).standard_normal(shape)).astype(np.float32).astype(dtype)
 
 
 def away_from_zero(key, shape, dtype, low=0.1, high=2.0):
     """Random signs and magnitudes in [low, high]: no input near a kink at 0."""
-    k_sign, k_mag = jax.random.split(key)
-    sign = jnp.where(jax.random.bernoulli(k_sign, 0.5, shape), 1.0, -1.0)
-    return (sign * jax.random.uniform(k_mag, shape, minval=low, maxval=high)).astype(dtype)
+    rng = _rng(key)
+    sign = np.where(rng.random(shape) < 0.5, 1.0, -1.0)
+    return (sign * rng.uniform(low, high, shape)).astype(np.float32).astype(dtype)
 
 
 def some_positive(key, shape, dtype):
@@ -100,33 +122,38 @@ def some_positive(key, shape, dtype):
     element in two for a 1×1 input) makes the output and the gradient identically zero, and
     the check vacuous."""
     x = away_from_zero(key, shape, dtype)
-    return x.at[(0,) * len(shape)].set(jnp.abs(x[(0,) * len(shape)]))
+    x[(0,) * len(shape)] = abs(x[(0,) * len(shape)])
+    return x
 
 
 def distinct(key, shape, dtype, spread=4.0):
     """A random permutation of evenly spaced values: every entry differs from every other by
     at least spread/size, so an argmax is unique and stays put under a finite-difference step."""
-    size = 1
-    for s in shape:
-        size *= s
-    values = jnp.linspace(-spread / 2, spread / 2, size, dtype=jnp.float32)
-    return jax.random.permutation(key, values).reshape(shape).astype(dtype)
+    values = np.linspace(-spread / 2, spread / 2, int(np.prod(shape)), dtype=np.float32)
+    return _rng(key).permutation(values).reshape(shape).astype(dtype)
 
 
 def probabilities(key, shape, dtype, low=0.05, high=0.95):
-    return jax.random.uniform(key, shape, minval=low, maxval=high).astype(dtype)
+    return _rng(key).uniform(low, high, shape).astype(np.float32).astype(dtype)
 
 
 def probability_rows(key, shape, dtype):
-    return jax.nn.softmax(2 * jax.random.normal(key, shape, jnp.float32), axis=-1).astype(dtype)
+    z = 2 * _rng(key).standard_normal(shape)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32).astype(dtype)
+
+
+def integers(key, shape, low, high):
+    """int32 entries in [low, high)."""
+    return _rng(key).integers(low, high, shape, dtype=np.int32)
 
 
 def labels(key, m, k):
-    return jax.random.randint(key, (m,), 0, k, dtype=jnp.int32)
+    return integers(key, (m,), 0, k)
 
 
-def _keys(key, n):
-    return jax.random.split(key, n)
+def bernoulli(key, p, shape):
+    return _rng(key).random(shape) < p
 
 
 def _zeros(*shape, dtype=jnp.float32):
@@ -311,14 +338,14 @@ def _ce_case(m, k, probs=False, lead=(), masked=False):
         if probs:
             y = probability_rows(ky, (*positions, k), dtype)
         else:
-            y = jax.random.randint(ky, positions, 0, k, dtype=jnp.int32)
+            y = integers(ky, positions, 0, k)
         args = (normal(kz, (*positions, k), dtype, 2.0), y)
         if not masked:
             return args
-        mask = jax.random.bernoulli(km, 0.6, positions).reshape(-1).at[0].set(True)
-        mask = mask.reshape(positions)
+        mask = bernoulli(km, 0.6, positions)
+        mask.flat[0] = True
         if not probs:
-            args = (args[0], jnp.where(mask, y, -1))
+            args = (args[0], np.where(mask, y, -1).astype(np.int32))
         return (*args, mask)
 
     shape = "x".join(map(str, (*positions, k)))
@@ -701,9 +728,9 @@ def _norm_case(x_shape, axis, **kwargs):
 
 
 def _eval_stats(features):
-    k1, k2 = _keys(jax.random.PRNGKey(7), 2)
+    k1, k2 = _keys(np.array([0, 7], np.uint32), 2)  # PRNGKey(7)'s words
     return {"running_mean": normal(k1, (features,), jnp.float64),
-            "running_var": 0.5 + jax.random.uniform(k2, (features,), jnp.float64)}
+            "running_var": probabilities(k2, (features,), np.float64, 0.5, 1.5)}
 
 
 register(OpSpec(
@@ -1122,7 +1149,7 @@ register(OpSpec(
 def _embedding_case(ids_shape, vocab, dim):
     def make(key, dtype):
         ki, kt = _keys(key, 2)
-        ids = jax.random.randint(ki, ids_shape, 0, vocab, dtype=jnp.int32)
+        ids = integers(ki, ids_shape, 0, vocab)
         return ids, normal(kt, (vocab, dim), dtype)
 
     return Case(f"ids{ids_shape}-table({vocab}x{dim})".replace(" ", ""), make)

@@ -7,28 +7,28 @@ silently wrong gradient (a ``db`` of the wrong rank, say), as equinox's tests do
 import os
 import re
 
-# The suite compiles hundreds of small XLA programs and runs each once or twice: LLVM's
-# optimizations cost more time than they save here (about 2× on the op checks). Results do
-# not depend on it; benchmarks never run under this flag.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    ).strip()
+import jax
+import pytest
+from hypothesis import HealthCheck, settings
+
+from handgrad._compile_flags import use_compile_fast_flags
+
+# The suite compiles thousands of small XLA programs and runs each once or twice: XLA flags
+# that make compiling cheaper (LLVM at level 0, XLA:CPU's loop emitters) save more than they
+# cost (handgrad/_compile_flags.py). Results do not depend on them; benchmarks never use them,
+# and test_promises.py runs one training parity test at XLA's defaults. XLA reads them when
+# JAX starts its backend: importing jax and handgrad does not, importing the registry does.
+use_compile_fast_flags()
 
 # Under pytest-xdist every worker is a process of its own: on a GPU each would take JAX's default
 # 75 % of the memory at start, and the second one fails with CUDA_ERROR_OUT_OF_MEMORY.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jax
-import pytest
-
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-from hypothesis import HealthCheck, settings  # noqa: E402
-
-from handgrad.verification import available_platforms  # noqa: E402
+from handgrad.verification import available_platforms  # noqa: E402  (starts the backend)
 
 # Hypothesis: example counts come from the profile (no test sets max_examples), draws are
 # derandomized (the same examples every run, so a CI failure replays locally) and a failure

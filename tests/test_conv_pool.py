@@ -234,8 +234,7 @@ def test_registered_conv_cases_exercise_every_evaluation_path():
 
     described, grouped = [], []
     for case in CONV_CASES:
-        x, w, *b = jax.eval_shape(
-            lambda case=case: case.make_args(jax.random.PRNGKey(0), jnp.float32))
+        x, w, *b = case.make_args(jax.random.PRNGKey(0), jnp.float32)
         config = conv_config(x, w, **case.kwargs)
         with hg.fast_paths(True):
             paths = fast_conv.describe(w.shape, config, "cpu")  # what lowering for CPU takes

@@ -1,6 +1,6 @@
 """What the docs promise and no other test held the code to: batch norm's running statistics,
-dropout's keep fraction and its edge rates, and hand vs autodiff training compiled at XLA's
-default optimization level (the rest of the suite compiles at level 0 to save time)."""
+dropout's keep fraction and its edge rates, the suite's compile flags, and hand vs autodiff
+training compiled with XLA's default flags (the rest of the suite compiles with cheaper ones)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import handgrad as hg
+from handgrad import _compile_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,11 +109,29 @@ def test_dropout_rate_one_drops_everything_and_rate_zero_nothing():
         np.testing.assert_array_equal(dx, np.zeros(x.shape) if rate == 1.0 else np.ones(x.shape))
 
 
-# --- training parity at XLA's default optimization level ----------------------------------------
+# --- the compile flags ---------------------------------------------------------------------------
+
+
+def test_the_suite_compiles_with_the_cheaper_flags_this_jaxlib_knows():
+    flags = _compile_flags.supported_flags()
+    assert "--xla_backend_optimization_level=0" in flags, flags  # known to every jaxlib
+    assert all(flag in os.environ["XLA_FLAGS"].split() for flag in flags), os.environ["XLA_FLAGS"]
+
+
+def test_a_flag_this_jaxlib_does_not_know_is_left_out(monkeypatch):
+    """XLA aborts a process on an unknown flag: it is tried in a subprocess and dropped."""
+    monkeypatch.delenv("HANDGRAD_COMPILE_FLAGS")  # restored after the test
+    monkeypatch.setattr(_compile_flags, "FLAGS", ("--xla_backend_optimization_level=0",
+                                                  "--xla_handgrad_no_such_flag=1"))
+    assert _compile_flags.supported_flags() == ["--xla_backend_optimization_level=0"]
+
+
+# --- training parity at XLA's default flags ------------------------------------------------------
 
 PARITY_SCRIPT = textwrap.dedent("""
     import json, os
-    assert "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")
+    from handgrad._compile_flags import FLAGS
+    assert not any(f.split("=")[0] in os.environ.get("XLA_FLAGS", "") for f in FLAGS)
     import jax, numpy as np, optax
     from handgrad import data, models, train
     ds = data.load_digits(seed=0)
@@ -137,7 +156,7 @@ PARITY_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_hand_and_autodiff_training_agree_at_the_default_optimization_level(tmp_path):
+def test_hand_and_autodiff_training_agree_at_xla_default_flags(tmp_path):
     """60 float32 adam steps of the MLP and the CNN, compiled as users compile them: the hand
     and autodiff parameters agree to float32 round-off amplified over the steps (the
     tolerance of tests/test_training.py's level-0 runs)."""

@@ -18,24 +18,11 @@ import handgrad as hg
 from handgrad import registry
 
 SPECS = [pytest.param(spec, id=spec.name) for spec in registry.specs()]
-# Example counts come from the hypothesis profile (tests/conftest.py): every drawn case has new
-# shapes, so check_vjp compiles afresh, ~1–3 s of CPU an example. The quick profile's two per op
-# keep the default run short (test_ops.py covers the fixed cases); the slow variant takes the
-# "full" profile, 200 per op.
+# Example counts come from the hypothesis profile (tests/conftest.py): a drawn case with new
+# shapes compiles check_vjp's program afresh, which is most of an example's time. The quick
+# profile's two per op keep the default run short (test_ops.py covers the fixed cases); the
+# slow variant takes the "full" profile, 200 per op.
 FULL = settings.get_profile("full")
-
-# One jitted sampler per distinct case (its id spells out shapes and options): hypothesis
-# draws the same small shapes again and again, and both these samplers and check_vjp's
-# compiled programs are then reused instead of recompiled.
-_SAMPLERS: dict = {}
-
-
-def _make_args(spec, case, key):
-    sampler = _SAMPLERS.get((spec.name, case.id))
-    if sampler is None:
-        sampler = _SAMPLERS[(spec.name, case.id)] = jax.jit(
-            lambda k: case.make_args(k, jnp.dtype("float64")))
-    return sampler(key)
 
 
 def _check_drawn_case(spec, data, finite_differences=True):
@@ -43,8 +30,7 @@ def _check_drawn_case(spec, data, finite_differences=True):
     case = spec.random_case(lambda lo, hi: data.draw(st.integers(lo, hi)))
     seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
     k_args, k_check = jax.random.split(jax.random.PRNGKey(seed))
-    # one jitted program draws the inputs: cheaper than eager jax.random per shape
-    args = _make_args(spec, case, k_args)
+    args = case.make_args(k_args, jnp.dtype("float64"))  # drawn on the host: nothing compiled
     result = hg.check_vjp(spec.op, spec.reference, *args, kwargs=case.kwargs, key=k_check,
                           name=f"{spec.name}[{case.id}]",
                           finite_differences=finite_differences)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from handgrad._compile_flags import use_compile_fast_flags
 from handgrad.jobs import _args
 
 
@@ -47,12 +47,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "handgrad verify") -> in
 
 def _verify(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
-    # Hundreds of small programs, each run once: LLVM's optimizations cost more compile time
-    # than they save. Numerics are unaffected; benchmarks never set this. (XLA reads the flag
-    # when the backend starts: in a fresh `handgrad verify`, not in a process that ran JAX.)
-    if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + " --xla_backend_optimization_level=0").strip()
+    # Hundreds of small programs, each run once: flags that make compiling cheaper save more
+    # than they cost (handgrad/_compile_flags.py). XLA reads them when the backend starts: in a
+    # fresh `handgrad verify`, not in a process that already ran JAX.
+    use_compile_fast_flags()
     import jax
 
     jax.config.update("jax_enable_x64", True)  # finite differences and float64 checks
