@@ -168,7 +168,7 @@ def check_conv2d_args(op: str, x, w, b, groups) -> None:
     check_floating(op, "w", w)
     check_rank(op, "w", w, 4, "(O, C/groups, kh, kw)")
     check_static(op, "groups", groups, "a Python int")
-    if isinstance(groups, bool) or not isinstance(groups, int):
+    if isinstance(groups, bool) or not isinstance(groups, int | np.integer):
         raise TypeError(f"{op}: `groups` must be a Python int (static), got {groups!r}.")
     if groups < 1:
         raise ValueError(
@@ -197,7 +197,7 @@ def check_padding(op: str, padding) -> None:
             raise ValueError(
                 f"{op}: `padding` string must be 'VALID' or 'SAME', got {padding!r}.")
         return
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    is_int = lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool)  # noqa: E731
     is_pair = lambda p, of: (  # noqa: E731
         isinstance(p, tuple | list) and len(p) == 2 and all(map(of, p)))
     if is_int(padding):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import xlog1py, xlogy
 
 from handgrad import _attention_checks, _checks
@@ -120,11 +121,11 @@ def _pads(op, padding, in_hw, reach, stride):
     _checks.check_padding(op, padding)
     if isinstance(padding, str):
         return tuple(jax.lax.padtype_to_pads(in_hw, reach, stride, padding.upper()))
-    if isinstance(padding, int):
-        return ((padding, padding), (padding, padding))
-    if isinstance(padding[0], int):
-        return ((padding[0], padding[0]), (padding[1], padding[1]))
-    return tuple(tuple(p) for p in padding)
+    if np.ndim(padding) == 0:
+        return ((int(padding),) * 2,) * 2
+    if np.ndim(padding) == 1:
+        return ((int(padding[0]),) * 2, (int(padding[1]),) * 2)
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
@@ -138,7 +139,7 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
     _checks.check_window_fits("conv2d", x, reach, pads, "kernel")
     z = jax.lax.conv_general_dilated(
         x, w, window_strides=stride, padding=pads, rhs_dilation=dilation,
-        dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=groups,
+        dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=int(groups),
     )
     return z if b is None else z + b.reshape(1, -1, 1, 1)
 

@@ -1071,3 +1071,15 @@ def test_traced_hyperparameter_is_refused_with_a_clear_error(case, module, trans
             jax.jit(lambda x, v: call(m, x, v))(x, jnp.int32(2))
         else:
             jax.vmap(lambda v: call(m, x, v))(jnp.array([2, 2], jnp.int32))
+
+
+@pytest.mark.parametrize("module", ["ops", "reference"])
+@pytest.mark.parametrize("case", list(TRACED_HYPERPARAMETERS))
+def test_numpy_integer_hyperparameter_is_a_python_int(case, module):
+    """A stride or padding computed from shapes with NumPy is an np.int64: static, so it is
+    taken as the Python int it equals (the same output), not refused as an array."""
+    seed = zlib.crc32(f"{case}-{module}-numpy".encode())
+    x = np.random.default_rng(seed).standard_normal((1, 2, 6, 6))
+    m = hg if module == "ops" else hg.reference
+    call = TRACED_HYPERPARAMETERS[case]
+    np.testing.assert_array_equal(call(m, x, np.int64(2)), call(m, x, 2), err_msg=f"seed {seed}")

@@ -44,7 +44,7 @@ def conv2d_config(op, x, w, b, stride, padding, dilation, groups) -> WindowConfi
     _checks.check_conv2d_args(op, x, w, b, groups)
     stride = _checks.pair(op, "stride", stride)
     dilation = _checks.pair(op, "dilation", dilation)
-    return _windows.window_config(op, x, w.shape[2:], stride, padding, dilation, groups,
+    return _windows.window_config(op, x, w.shape[2:], stride, padding, dilation, int(groups),
                                   kernel_name="kernel")
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from handgrad import _checks
@@ -68,10 +69,10 @@ def normalize_padding(
             total = max((out - 1) * s + k - size, 0)
             pads.append((total // 2, total - total // 2))
         return tuple(pads)
-    if isinstance(padding, int):
-        return ((padding, padding), (padding, padding))
-    if isinstance(padding[0], int):
-        return ((padding[0], padding[0]), (padding[1], padding[1]))
+    if isinstance(padding, int | np.integer):
+        return ((int(padding),) * 2,) * 2
+    if isinstance(padding[0], int | np.integer):
+        return ((int(padding[0]),) * 2, (int(padding[1]),) * 2)
     return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
