@@ -90,6 +90,8 @@ def check_rate(op: str, rate) -> jax.Array:
             f"{op}: `rate` must be a scalar (a Python float or a 0-d array), got shape "
             f"{shape_of(rate)} (dtype {dtype_of(rate)})."
         )
+    if not isinstance(rate, jax.core.Tracer) and not 0 <= float(rate) <= 1:  # concrete: check
+        raise ValueError(f"{op}: `rate` must be in [0, 1], got {float(rate)!r} (an array).")
     return rate
 
 

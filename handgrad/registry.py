@@ -829,6 +829,10 @@ register(OpSpec(
         BadInput("rate", lambda: (_zeros(4, 3),), ValueError,
                  r"dropout: `rate` must be in \[0, 1\], got 1.5",
                  {"rate": 1.5, "key": jax.random.PRNGKey(0)}),
+        # a concrete array rate is checked like a number (a traced one cannot be)
+        BadInput("rate-array", lambda: (_zeros(4, 3),), ValueError,
+                 r"dropout: `rate` must be in \[0, 1\], got 1.5 \(an array\)",
+                 {"rate": jnp.float32(1.5), "key": jax.random.PRNGKey(0)}),
         BadInput("int", lambda: (jnp.zeros((4, 3), jnp.int32),), TypeError,
                  r"dropout: `x` must have a floating dtype, got int32",
                  {"rate": 0.5, "key": jax.random.PRNGKey(0)}),
