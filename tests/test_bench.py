@@ -65,7 +65,7 @@ def test_list_names_every_workload(capsys):
     assert {"mlp", "lenet5", "conv-dw-g8", "max_pool-bwd", "softmax_ce", "memory-mlp"} <= names
 
 
-@pytest.mark.slow  # runs `handgrad bench --quick` once for the module (~30 s)
+@pytest.mark.slow  # runs `handgrad bench --quick` once for the module
 def test_json_structure(quick_run):
     out, _, _ = quick_run
     data = json.loads((out / "bench.json").read_text())
@@ -104,7 +104,7 @@ def test_json_structure(quick_run):
             assert isinstance(w["target"]["met"], bool) and _positive(w["target"]["value"])
 
 
-@pytest.mark.slow  # runs `handgrad bench --quick` once for the module (~30 s)
+@pytest.mark.slow  # runs `handgrad bench --quick` once for the module
 def test_memory_and_targets(quick_run):
     out, _, _ = quick_run
     data = json.loads((out / "bench.json").read_text())
@@ -127,7 +127,7 @@ def test_memory_and_targets(quick_run):
     assert set(summary["targets_met"]) | set(summary["targets_missed"]) == TARGET_KEYS
 
 
-@pytest.mark.slow  # runs `handgrad bench --quick` once for the module (~30 s)
+@pytest.mark.slow  # runs `handgrad bench --quick` once for the module
 def test_markdown_and_stdout(quick_run):
     out, docs, proc = quick_run
     text = (out / "bench.md").read_text()
@@ -141,7 +141,7 @@ def test_markdown_and_stdout(quick_run):
     assert "Targets" in proc.stdout and "hand/autodiff" in proc.stdout
 
 
-@pytest.mark.slow  # runs `handgrad bench --quick` once for the module (~30 s)
+@pytest.mark.slow  # runs `handgrad bench --quick` once for the module
 def test_torch_column_exactly_when_torch_is_importable(quick_run):
     """With torch importable, the models, the conv sweep, pooling and the loss each get a torch
     column (checked against hand like the others) and a hand/torch ratio; without, none."""

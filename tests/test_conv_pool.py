@@ -824,7 +824,7 @@ def lenet_loss(params, x, labels, ops):
 
 
 # Run under jax.jit only: run eagerly (op by op), the first call compiles every primitive
-# separately (~20 s for this network on CPU), which the time budget of this file cannot pay.
+# separately (a compilation per layer and variant), which the time budget of this file cannot pay.
 # Eager and jit are compared op by op in tests/test_composition.py::test_vjp_under_jit_equals_eager.
 @pytest.mark.parametrize("dtype, rel", [("float64", 1e-10), ("float32", 1e-5)])
 def test_lenet_gradients_equal_autodiff_of_the_reference(dtype, rel):

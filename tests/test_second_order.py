@@ -16,6 +16,7 @@ with both terms costs half of two separate ones.
 
 import math
 import re
+import zlib
 from pathlib import Path
 
 import jax
@@ -42,7 +43,11 @@ def test_every_family_is_covered():
 
 
 def _key(spec, salt):
-    return jax.random.PRNGKey(sum(map(ord, f"{spec.name}/{salt}")))
+    """A key from a stable digest of the case (hash() is salted per process), printed: pytest
+    shows it with a failure."""
+    seed = zlib.crc32(f"{spec.name}/{salt}".encode())
+    print(f"seed {seed} ({spec.name}/{salt})")
+    return jax.random.PRNGKey(seed)
 
 
 def _args(spec, case):

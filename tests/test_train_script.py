@@ -258,7 +258,7 @@ def test_resume_is_bit_identical_to_a_straight_run(tiny_run, tmp_path, capsys):
     assert m_resumed["test_accuracy"] == m_fresh["test_accuracy"]
 
 
-@pytest.mark.slow  # four train-step compilations of conv + batch norm: ~10 s idle, 30 s busy
+@pytest.mark.slow  # four train-step compilations of conv + batch norm
 def test_stateful_model_hand_and_autodiff(tmp_path, capsys):
     """cnn-bn carries batch-norm statistics and a dropout key through fit and the checkpoint."""
     code, _, err = run([*TINY, "--model", "cnn-bn", "--grad", "both", "--no-progress",
