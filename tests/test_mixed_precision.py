@@ -37,20 +37,21 @@ CASES = [
 ]
 
 
+def _seed(*parts) -> int:
+    """A stable digest of the case (hash() is salted per process); failures print it."""
+    return zlib.crc32("/".join(parts).encode())
+
+
 def _key(*parts):
-    """A key from a stable digest of the case (hash() is salted per process), printed: pytest
-    shows it with a failure."""
-    seed = zlib.crc32("/".join(parts).encode())
-    print(f"seed {seed} ({'/'.join(parts)})")
-    return jax.random.PRNGKey(seed)
+    return jax.random.PRNGKey(_seed(*parts))
 
 
 _ARGS: dict = {}
 
 
 def _float32_args(spec, case):
-    """The case's arguments drawn once in float32 (drawing is costly op-by-op) and shared by
-    both low dtypes, which round them: the registry's samplers draw in float32 and cast too."""
+    """The case's arguments drawn once in float32 and shared by both low dtypes, which round
+    them: the registry's samplers draw in float32 and cast too."""
     name = (spec.name, case.id)
     if name not in _ARGS:
         _ARGS[name] = case.make_args(_key(spec.name, case.id), jnp.dtype("float32"))
@@ -105,12 +106,13 @@ def test_low_precision_forward_and_vjp_match_float32(spec, case, dtype):
     for i, g_low, g_32 in zip(diff, grads_low, grads_32, strict=True):
         assert g_low.dtype == low, f"d{spec.argnames[i]} is {g_low.dtype}, expected {low}"
         assert g_low.shape == args_low[i].shape
-        assert np.isfinite(np.asarray(g_low, np.float32)).all(), f"d{spec.argnames[i]} not finite"
+        assert np.isfinite(np.asarray(g_low, np.float32)).all(), (
+            f"d{spec.argnames[i]} not finite (seed {_seed(spec.name, case.id)})")
         err, scale = _error(g_low, g_32)
         ok &= tol.allows(err, scale)
         report.append(f"d{spec.argnames[i]}: max|err| {err:.2e}, max|f32| {scale:.2e}")
-    assert ok, (f"{spec.name}[{case.id}] in {dtype} vs float32 (rtol {tol.rtol}, atol {tol.atol}): "
-                + "; ".join(report))
+    assert ok, (f"{spec.name}[{case.id}] in {dtype} vs float32 (rtol {tol.rtol}, atol {tol.atol}; "
+                f"seed {_seed(spec.name, case.id)}): " + "; ".join(report))
 
 
 # --- long and ill-conditioned reductions ----------------------------------------------------
@@ -173,7 +175,8 @@ def test_long_reductions_stay_within_tolerance(name, dtype):
         assert got.dtype == low, what
         err, scale = _error(got, want)
         assert tol.allows(err, scale), (
-            f"{name} {what} in {dtype}: max|err| {err:.3e} > {tol.atol} + {tol.rtol}·{scale:.3e}")
+            f"{name} {what} in {dtype}: max|err| {err:.3e} > {tol.atol} + {tol.rtol}·{scale:.3e} "
+            f"(seed {_seed('stress', name)})")
 
 
 def test_the_comparison_can_fail():
@@ -202,6 +205,30 @@ def test_a_wrong_small_gradient_fails_the_relative_tolerance():
     want = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (64,))
     assert not tol.allows(*_error((1.2 * want).astype(jnp.bfloat16), want))
     assert tol.allows(*_error(want.astype(jnp.bfloat16), want))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name, z", [("tanh", 2.0), ("tanh", -3.0), ("sigmoid", 4.0),
+                                     ("sigmoid", 6.0), ("gelu", -4.8)])
+def test_one_saturated_unit_in_low_precision_matches_float32(name, z, dtype):
+    """A 1×1 input, so the relative error is that one unit's. tanh and sigmoid save their output
+    in float32 for 16-bit inputs: a rounded to bfloat16 near 1 would leave 1 − a² (at tanh 2.0)
+    or 1 − a (at sigmoid 4.0) 5–10 % off. gelu(−4.8) in float16 is subnormal: within its
+    spacing, the tolerance's atol."""
+    low = jnp.dtype(dtype)
+    tol = tolerances.LOW_PRECISION_VS_FLOAT32[dtype]
+    op = getattr(hg, name)
+    x_low = jnp.full((1, 1), z, low)
+    g_low = jnp.full((1, 1), 0.75, low)
+    out_low, (dx_low,) = (lambda o, f: (o, f(g_low)))(*jax.vjp(op, x_low))
+    out_32, (dx_32,) = (lambda o, f: (o, f(g_low.astype(jnp.float32))))(
+        *jax.vjp(op, x_low.astype(jnp.float32)))
+    assert dx_low.dtype == low
+    for what, got, want in (("output", out_low, out_32), ("dx", dx_low, dx_32)):
+        err, scale = _error(got, want)
+        assert scale > 0 and tol.allows(err, scale), (
+            f"{name}({z}) {what} in {dtype}: max|err| {err:.2e} of {scale:.2e} "
+            f"(rtol {tol.rtol}, atol {tol.atol})")
 
 
 # --- a bfloat16 training run ------------------------------------------------------------------

@@ -29,18 +29,22 @@ def _elementwise_input(op, z):
 # --- sigmoid -------------------------------------------------------------------------------
 
 
+# For 16-bit z the saved output is float32: rounded to 16 bits, a near 1 leaves 1 − a (and
+# 1 − a²) only a few significant bits (derivations §2.1).
+
+
 @jax.custom_vjp
 def _sigmoid(z):
-    return jax.nn.sigmoid(z)
+    return _sigmoid_fwd(z)[0]
 
 
 def _sigmoid_fwd(z):
-    a = _sigmoid(z)
-    return a, a  # residual: the output a = σ(z)
+    a = jax.nn.sigmoid(z.astype(accumulation_dtype(z.dtype)))
+    return a.astype(z.dtype), a  # residual: the output a = σ(z)
 
 
 def _sigmoid_bwd(a, g):
-    return ((g * a * (1 - a)).astype(a.dtype),)  # σ'(z) = σ(z)(1 − σ(z)), note 002 eq. 8
+    return ((g * a * (1 - a)).astype(g.dtype),)  # σ'(z) = σ(z)(1 − σ(z)), note 002 eq. 8
 
 
 _sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
@@ -67,16 +71,16 @@ def sigmoid(z):
 
 @jax.custom_vjp
 def _tanh(z):
-    return jnp.tanh(z)
+    return _tanh_fwd(z)[0]
 
 
 def _tanh_fwd(z):
-    a = _tanh(z)
-    return a, a
+    a = jnp.tanh(z.astype(accumulation_dtype(z.dtype)))
+    return a.astype(z.dtype), a  # residual: the output a = tanh(z)
 
 
 def _tanh_bwd(a, g):
-    return ((g * (1 - a * a)).astype(a.dtype),)  # tanh' = 1 − tanh²
+    return ((g * (1 - a * a)).astype(g.dtype),)  # tanh' = 1 − tanh²
 
 
 _tanh.defvjp(_tanh_fwd, _tanh_bwd)
