@@ -91,7 +91,8 @@ def check_rate(op: str, rate) -> jax.Array:
             f"{shape_of(rate)} (dtype {dtype_of(rate)})."
         )
     if not isinstance(rate, jax.core.Tracer) and not 0 <= float(rate) <= 1:  # concrete: check
-        raise ValueError(f"{op}: `rate` must be in [0, 1], got {float(rate)!r} (an array).")
+        raise ValueError(f"{op}: `rate` must be in [0, 1], got {float(rate)!r} (a 0-d array of "
+                         f"dtype {dtype_of(rate)}).")
     return rate
 
 

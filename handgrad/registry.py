@@ -728,7 +728,7 @@ def _norm_case(x_shape, axis, **kwargs):
 
 
 def _eval_stats(features):
-    k1, k2 = _keys(np.array([0, 7], np.uint32), 2)  # PRNGKey(7)'s words
+    k1, k2 = _keys(np.array([0, 7], np.uint32), 2)  # a fixed key
     return {"running_mean": normal(k1, (features,), jnp.float64),
             "running_var": probabilities(k2, (features,), np.float64, 0.5, 1.5)}
 
@@ -831,7 +831,7 @@ register(OpSpec(
                  {"rate": 1.5, "key": jax.random.PRNGKey(0)}),
         # a concrete array rate is checked like a number (a traced one cannot be)
         BadInput("rate-array", lambda: (_zeros(4, 3),), ValueError,
-                 r"dropout: `rate` must be in \[0, 1\], got 1.5 \(an array\)",
+                 r"dropout: `rate` must be in \[0, 1\], got 1.5 \(a 0-d array of dtype float32\)",
                  {"rate": jnp.float32(1.5), "key": jax.random.PRNGKey(0)}),
         BadInput("int", lambda: (jnp.zeros((4, 3), jnp.int32),), TypeError,
                  r"dropout: `x` must have a floating dtype, got int32",

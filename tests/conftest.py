@@ -63,8 +63,8 @@ def release_compiled_programs_if_needed(limit: int = 20_000) -> None:
 
 @pytest.fixture(autouse=True)
 def _release_compiled_programs():
-    """After each test, as needed: neighbouring tests share some programs (samplers,
-    references), which clearing after every test would compile again."""
+    """After each test, as needed: neighbouring tests share some programs (references,
+    models), which clearing after every test would compile again."""
     yield
     release_compiled_programs_if_needed()
 
