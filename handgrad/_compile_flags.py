@@ -63,7 +63,7 @@ def use_compile_fast_flags() -> None:
     """Add the supported flags to ``XLA_FLAGS``, each unless the user set that flag already.
     Call it before JAX starts its backend (XLA reads the flags then, once per process):
     importing jax does not start it, the first computation or ``jax.devices()`` does."""
-    if _backend_started():
+    if backend_started():
         warnings.warn("JAX's backend has started: XLA_FLAGS set now take effect only in "
                       "child processes", RuntimeWarning, stacklevel=2)
     current = os.environ.get("XLA_FLAGS", "")
@@ -72,7 +72,8 @@ def use_compile_fast_flags() -> None:
         os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
-def _backend_started() -> bool:
+def backend_started() -> bool:
+    """Whether JAX's backend has started in this process (its XLA_FLAGS are then fixed)."""
     if "jax" not in sys.modules:
         return False
     try:  # not public API: where it moves, no warning rather than an error

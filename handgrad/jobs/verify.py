@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from handgrad._compile_flags import use_compile_fast_flags
+from handgrad import _compile_flags
 from handgrad.jobs import _args
 
 
@@ -49,8 +49,9 @@ def _verify(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     # Hundreds of small programs, each run once: flags that make compiling cheaper save more
     # than they cost (handgrad/_compile_flags.py). XLA reads them when the backend starts: in a
-    # fresh `handgrad verify`, not in a process that already ran JAX.
-    use_compile_fast_flags()
+    # fresh `handgrad verify`, not in a process that already ran JAX (main() called from Python).
+    if not _compile_flags.backend_started():
+        _compile_flags.use_compile_fast_flags()
     import jax
 
     jax.config.update("jax_enable_x64", True)  # finite differences and float64 checks
