@@ -66,14 +66,14 @@ def _run_processes(args: list[str], count: int = 2, timeout: float = 600) -> lis
          "--process-id", str(i)], env=_env(2), cwd=REPO, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(count)]
     outs = []
-    for i, proc in enumerate(procs):
-        try:
+    try:
+        for i, proc in enumerate(procs):
             out, err = proc.communicate(timeout=timeout)
-        finally:
-            for p in procs:
-                p.kill()
-        assert proc.returncode == 0, f"process {i}: {out[-2000:]}{err[-4000:]}"
-        outs.append(out)
+            assert proc.returncode == 0, f"process {i}: {out[-2000:]}{err[-4000:]}"
+            outs.append(out)
+    finally:  # only now: a process that finished first must not cut the others short
+        for p in procs:
+            p.kill()
     return outs
 
 
