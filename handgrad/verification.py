@@ -35,6 +35,7 @@ class Record:
     fd_rel: float | None = None
     worst_case: str = ""
     rtol: float | None = None
+    atol: float | None = None
     status: str = "PASS"  # PASS, FAIL, SKIP
     detail: str = ""
     failures: list[str] = field(default_factory=list)
@@ -98,7 +99,8 @@ def check_op(spec: registry.OpSpec, platform: str, dtype: str, precision: str = 
     device = jax.devices(platform)[0]
     tol = (tolerances.DEFAULT_PRECISION[tolerances.platform_family(platform)]
            if precision == "default" else None)
-    record.rtol = (tol or tolerances.autodiff_tolerance(dtype, platform)).rtol
+    tol = tol or tolerances.autodiff_tolerance(dtype, platform)
+    record.rtol, record.atol = tol.rtol, tol.atol
     key = jax.random.PRNGKey(0) if key is None else key
     worst_ad, worst_fd = 0.0, None
     for i, case in enumerate(spec.cases):
@@ -134,7 +136,7 @@ def check_classic(platform: str, dtype: str) -> Record:
         record.status, record.detail = "SKIP", why
         return record
     tol = tolerances.autodiff_tolerance(dtype, platform)
-    record.rtol = tol.rtol
+    record.rtol, record.atol = tol.rtol, tol.atol
     device = jax.devices(platform)[0]
     with jax.default_device(device), _precision(platform, "highest"):
         key_p, key_x, key_y = jax.random.split(jax.random.PRNGKey(3), 3)
@@ -275,12 +277,16 @@ def to_markdown(records: Sequence[Record], env: dict) -> str:
         "over all cases and arguments (forward and VJP); FD = central finite differences "
         "in float64",
         "",
-        f"- tolerances (handgrad/tolerances.py): vs autodiff the `rtol` column; vs FD "
-        f"rtol {tolerances.FINITE_DIFFERENCES.rtol:g}, step {tolerances.FD_STEP:g}",
+        f"- tolerances (handgrad/tolerances.py): a check passes when, for every output and "
+        f"argument, max |hand − reference| ≤ atol + rtol · max |reference| (vs autodiff: the "
+        f"`rtol / atol` column, so the error column can exceed rtol where atol carries a small "
+        f"gradient; vs FD: rtol {tolerances.FINITE_DIFFERENCES.rtol:g}, atol "
+        f"{tolerances.FINITE_DIFFERENCES.atol:g}, step {tolerances.FD_STEP:g})",
         "- precision: `highest` = under `jax.default_matmul_precision('highest')`; `default` ="
         " the platform's default (TF32 on NVIDIA GPUs, bf16 passes on TPU); CPU is always full",
         "",
-        "| check | platform | dtype | precision | cases | vs autodiff | vs FD | rtol | status |",
+        "| check | platform | dtype | precision | cases | vs autodiff | vs FD | rtol / atol "
+        "| status |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -288,7 +294,7 @@ def to_markdown(records: Sequence[Record], env: dict) -> str:
         lines.append(
             f"| {r.check} | {r.platform} | {r.dtype} | {r.precision} | {r.cases} | "
             f"{_fmt(r.autodiff_rel)} | {_fmt(r.fd_rel)} | "
-            f"{'—' if r.rtol is None else f'{r.rtol:g}'} | {status} |"
+            f"{'—' if r.rtol is None else f'{r.rtol:g} / {r.atol:g}'} | {status} |"
         )
     failures = [r for r in records if r.status == "FAIL"]
     lines += ["", f"**{len(records) - len(failures)} of {len(records)} checks passed.**"]
