@@ -222,12 +222,13 @@ def _is_float(x) -> bool:
 _SALT = 0x68676368  # "hgch"
 
 
-def _rng(key, stream: int) -> np.random.Generator:
-    """A NumPy generator seeded from a JAX key. Drawing cotangents and directions with NumPy
-    costs no XLA compilation (each eager jax.random call per shape would)."""
+def host_rng(key, *salt: int) -> np.random.Generator:
+    """A NumPy generator seeded by a JAX key's words (and ``salt``). Drawing on the host
+    compiles nothing; each eager or jitted jax.random draw compiles a program per shape. The
+    registry's input samplers use it too."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
-    return np.random.default_rng([*np.asarray(key, np.uint32).ravel().tolist(), stream, _SALT])
+    return np.random.default_rng([*np.asarray(key, np.uint32).ravel().tolist(), *salt])
 
 
 def _random_like(rng: np.random.Generator, tree):
@@ -365,7 +366,7 @@ def _check(op, reference, args, *, argnums, kwargs, key, tolerance, platform,
     static_kwargs, dynamic_kwargs = _split_kwargs(kwargs)
     plan = _Plan(op, reference, argnums, static_kwargs, float(fd_step))
     diff_args = tuple(args[i] for i in argnums)
-    rng_ct, rng_fd, rng_u = (_rng(key, stream) for stream in range(3))
+    rng_ct, rng_fd, rng_u = (host_rng(key, stream, _SALT) for stream in range(3))
     out_shape = jax.eval_shape(lambda *d: op(*_substitute(args, argnums, d), **kwargs),
                                *diff_args)
     ct = _random_like(rng_ct, out_shape)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from handgrad import ops, reference
+from handgrad.check import host_rng
 
 # A function drawing an int in [lo, hi]: numpy's rng in verify.py, hypothesis in the tests.
 DrawInt = Callable[[int, int], int]
@@ -90,29 +91,23 @@ class OpSpec:
 
 
 # --- samplers ------------------------------------------------------------------------------
-# Inputs are drawn on the host with NumPy, from a generator seeded by the JAX key's words: a
+# Inputs are drawn on the host with NumPy (check.host_rng: a generator seeded by the key): a
 # jitted jax.random sampler would cost one XLA compilation per shape, and the tests draw
 # thousands of shapes. `Case.make_args` hands the arrays to JAX.
 
 
-def _rng(key) -> np.random.Generator:
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
-
-
 def _keys(key, n):
     """``n`` independent keys drawn from ``key`` (raw uint32 words, as ``PRNGKey`` makes)."""
-    return list(_rng(key).integers(0, 2**32, (n, 2), dtype=np.uint32))
+    return list(host_rng(key).integers(0, 2**32, (n, 2), dtype=np.uint32))
 
 
 def normal(key, shape, dtype, scale=1.0):
-    return (scale * _rng(key).standard_normal(shape)).astype(np.float32).astype(dtype)
+    return (scale * host_rng(key).standard_normal(shape)).astype(np.float32).astype(dtype)
 
 
 def away_from_zero(key, shape, dtype, low=0.1, high=2.0):
     """Random signs and magnitudes in [low, high]: no input near a kink at 0."""
-    rng = _rng(key)
+    rng = host_rng(key)
     sign = np.where(rng.random(shape) < 0.5, 1.0, -1.0)
     return (sign * rng.uniform(low, high, shape)).astype(np.float32).astype(dtype)
 
@@ -130,22 +125,22 @@ def distinct(key, shape, dtype, spread=4.0):
     """A random permutation of evenly spaced values: every entry differs from every other by
     at least spread/size, so an argmax is unique and stays put under a finite-difference step."""
     values = np.linspace(-spread / 2, spread / 2, int(np.prod(shape)), dtype=np.float32)
-    return _rng(key).permutation(values).reshape(shape).astype(dtype)
+    return host_rng(key).permutation(values).reshape(shape).astype(dtype)
 
 
 def probabilities(key, shape, dtype, low=0.05, high=0.95):
-    return _rng(key).uniform(low, high, shape).astype(np.float32).astype(dtype)
+    return host_rng(key).uniform(low, high, shape).astype(np.float32).astype(dtype)
 
 
 def probability_rows(key, shape, dtype):
-    z = 2 * _rng(key).standard_normal(shape)
+    z = 2 * host_rng(key).standard_normal(shape)
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32).astype(dtype)
 
 
 def integers(key, shape, low, high):
     """int32 entries in [low, high)."""
-    return _rng(key).integers(low, high, shape, dtype=np.int32)
+    return host_rng(key).integers(low, high, shape, dtype=np.int32)
 
 
 def labels(key, m, k):
@@ -153,7 +148,7 @@ def labels(key, m, k):
 
 
 def bernoulli(key, p, shape):
-    return _rng(key).random(shape) < p
+    return host_rng(key).random(shape) < p
 
 
 def _zeros(*shape, dtype=jnp.float32):

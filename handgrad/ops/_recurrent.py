@@ -220,7 +220,7 @@ def _rnn_step_h(x, h_prev, w_x, w_h, b):
 
 @jax.custom_vjp
 def _rnn_step(x, h_prev, w_x, w_h, b):
-    return _rnn_step_h(x, h_prev, w_x, w_h, b).astype(_out_dtype(x, h_prev, w_x, w_h, b))
+    return _rnn_step_fwd(x, h_prev, w_x, w_h, b)[0]
 
 
 def _rnn_step_fwd(x, h_prev, w_x, w_h, b):
